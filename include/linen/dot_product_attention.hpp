@@ -1,0 +1,357 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// The functional core, mirroring flax/linen/attention.py:
+//   dot_product_attention_weights(query, key, options)
+//   dot_product_attention(query, key, value, options)
+// with Flax's maths to the letter: the query is scaled by 1/sqrt(depth) before the
+// product, the bias is added, masked entries become finfo(dtype).min (so a fully masked
+// row averages the values rather than giving NaN), softmax runs over kv (in float32 when
+// force_fp32_for_softmax is set for half types), and dropout multiplies by keep/keep_prob.
+#ifndef LINEN_DOT_PRODUCT_ATTENTION_HPP
+#define LINEN_DOT_PRODUCT_ATTENTION_HPP
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "detail/broadcast.hpp"
+#include "dropout_rng.hpp"
+#include "tensor.hpp"
+
+namespace linen {
+
+// jax.lax.Precision. On CPU, XLA computes float32 dot products in float32 for every
+// precision setting, and so does linen; half types always accumulate in float32. The field
+// is kept so that a Flax configuration ports unchanged.
+enum class Precision { Default, High, Highest };
+
+// The keyword arguments of flax.linen.dot_product_attention, with Flax's defaults.
+// `bias` and `mask` are views (ArrayRef) and must outlive the call; default = None.
+template <class T>
+struct AttentionOptions {
+  // Added to the logits; broadcastable to [batch..., num_heads, q_length, kv_length].
+  ArrayRef<T> bias{};
+  // false = masked out; broadcastable to [batch..., num_heads, q_length, kv_length].
+  ArrayRef<bool> mask{};
+  // Dropout mask shared across batch and head dims: [1..., q_length, kv_length].
+  bool broadcast_dropout = true;
+  // Where the keep mask comes from (a linen::random::Key, an engine, or a callable).
+  DropoutRng dropout_rng{};
+  // In [0, 1); dropout runs when dropout_rate > 0 and !deterministic.
+  double dropout_rate = 0.0;
+  bool deterministic = false;
+  Precision precision = Precision::Default;
+  // For half types: softmax (and the weights) in float32, as Flax does.
+  bool force_fp32_for_softmax = false;
+  // Flax's `module=` sowing: when set, called once with the attention weights
+  // [batch..., num_heads, q_length, kv_length] after softmax and before dropout.
+  std::function<void(ArrayRef<T> weights)> sow_weights{};
+};
+
+namespace detail {
+
+template <class T>
+T round_to(accum_t<T> x) {
+  return static_cast<T>(x);
+}
+
+// Flax's `query / jnp.sqrt(depth).astype(dtype)`: sqrt in float32 (float64 under x64).
+template <class T>
+T depth_scale(Index depth) {
+  if constexpr (std::is_same_v<T, double>) {
+    return std::sqrt(static_cast<double>(depth));
+  } else {
+    return static_cast<T>(std::sqrt(static_cast<float>(depth)));
+  }
+}
+
+// Validated dimensions of one attention problem, batch dims flattened.
+struct AttentionDims {
+  Shape batch;              // batch dims [batch...]
+  Index B = 1;              // prod(batch)
+  Index Lq = 0, Lk = 0, H = 0, D = 0, Dv = 0;
+  Shape weights_shape() const {
+    Shape s = batch;
+    s.insert(s.end(), {H, Lq, Lk});
+    return s;
+  }
+  Shape output_shape() const {
+    Shape s = batch;
+    s.insert(s.end(), {Lq, H, Dv});
+    return s;
+  }
+};
+
+inline AttentionDims check_qk(const Shape& q, const Shape& k, const char* fn) {
+  const std::string f = fn;
+  if (q.size() < 3)
+    throw std::invalid_argument(f + ": query must be [batch..., q_length, num_heads, depth], got shape " +
+                                to_string(q));
+  if (q.size() != k.size())
+    throw std::invalid_argument(f + ": q, k must have the same rank; query " + to_string(q) +
+                                ", key " + to_string(k));
+  const std::size_t r = q.size();
+  if (!std::equal(q.begin(), q.end() - 3, k.begin()))
+    throw std::invalid_argument(f + ": q, k batch dims must match; query " + to_string(q) +
+                                ", key " + to_string(k));
+  if (q[r - 2] != k[r - 2])
+    throw std::invalid_argument(f + ": q, k num_heads must match; query " + to_string(q) +
+                                ", key " + to_string(k));
+  if (q[r - 1] != k[r - 1])
+    throw std::invalid_argument(f + ": q, k depths must match; query " + to_string(q) + ", key " +
+                                to_string(k));
+  AttentionDims d;
+  d.batch.assign(q.begin(), q.end() - 3);
+  d.B = num_elements(d.batch);
+  d.Lq = q[r - 3];
+  d.Lk = k[r - 3];
+  d.H = q[r - 2];
+  d.D = q[r - 1];
+  d.Dv = d.D;
+  return d;
+}
+
+inline AttentionDims check_qkv(const Shape& q, const Shape& k, const Shape& v, const char* fn) {
+  AttentionDims d = check_qk(q, k, fn);
+  const std::string f = fn;
+  const std::size_t r = q.size();
+  if (v.size() != r)
+    throw std::invalid_argument(f + ": q, k, v must have the same rank; query " + to_string(q) +
+                                ", value " + to_string(v));
+  if (!std::equal(q.begin(), q.end() - 3, v.begin()))
+    throw std::invalid_argument(f + ": q, k, v batch dims must match; query " + to_string(q) +
+                                ", value " + to_string(v));
+  if (v[r - 2] != q[r - 2])
+    throw std::invalid_argument(f + ": q, k, v num_heads must match; query " + to_string(q) +
+                                ", value " + to_string(v));
+  if (v[r - 3] != k[r - 3])
+    throw std::invalid_argument(f + ": k, v lengths must match; key " + to_string(k) + ", value " +
+                                to_string(v));
+  d.Dv = v[r - 1];
+  return d;
+}
+
+// A mask or bias read as if it had the weights' shape [batch..., H, Lq, Lk].
+template <class X>
+struct Broadcast {
+  const X* data = nullptr;
+  std::vector<Index> batch_offset;  // per flat batch index
+  Index sh = 0, sq = 0, sk = 0;     // strides over heads, queries, keys
+
+  Broadcast(const ArrayRef<X>& ref, const AttentionDims& d, const char* what) {
+    if (!ref) return;
+    const Shape w = d.weights_shape();
+    const std::vector<Index> s = broadcast_strides(ref.shape(), w, what);
+    const std::size_t nb = d.batch.size();
+    data = ref.data();
+    batch_offset = leading_offsets(w, s, nb);
+    sh = s[nb];
+    sq = s[nb + 1];
+    sk = s[nb + 2];
+  }
+  explicit operator bool() const { return data != nullptr; }
+  // Pointer to row (b, h, i); element j is at [j * sk].
+  const X* row(Index b, Index h, Index i) const {
+    return data + batch_offset[static_cast<std::size_t>(b)] + h * sh + i * sq;
+  }
+};
+
+template <class T>
+void check_dropout(const AttentionOptions<T>& o, const char* fn) {
+  if (!(o.dropout_rate >= 0.0 && o.dropout_rate < 1.0))
+    throw std::invalid_argument(std::string(fn) + ": dropout_rate must be in [0, 1), got " +
+                                std::to_string(o.dropout_rate));
+}
+
+// The heart of the reference path. Computes, for every (batch, head), the attention
+// weights (after dropout) into `weights` ([B, H, Lq, Lk], may be null) and, when `value`
+// is given, the output [B, Lq, H, Dv] into `out`. All pointers are row-major in Flax's
+// layouts; batch dims are flattened into B.
+template <class T>
+void attention_reference(const AttentionDims& d, const T* query, const T* key, const T* value,
+                         const AttentionOptions<T>& o, T* out, T* weights, const char* fn) {
+  static_assert(is_element_type_v<T>, "linen: element type must be float, double, Eigen::half or Eigen::bfloat16");
+  using C = accum_t<T>;
+  using Mat = Eigen::Matrix<C, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using StridedT = Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
+                              Eigen::OuterStride<>>;
+  using StridedOut = Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
+                                Eigen::OuterStride<>>;
+  check_dropout(o, fn);
+
+  const std::string f = fn;
+  const Broadcast<T> bias(o.bias, d, (f + ": bias").c_str());
+  const Broadcast<bool> mask(o.mask, d, (f + ": mask").c_str());
+
+  const bool dropout = !o.deterministic && o.dropout_rate > 0.0;
+  const double keep_prob = 1.0 - o.dropout_rate;
+  std::vector<char> keep_storage;  // vector<bool> has no data(); draw into bytes
+  Shape keep_shape;
+  if (dropout) {
+    if (!o.dropout_rng)
+      throw std::invalid_argument(f + ": dropout_rate=" + std::to_string(o.dropout_rate) +
+                                  " with deterministic=false needs a dropout_rng");
+    const Shape w = d.weights_shape();
+    if (o.broadcast_dropout) {
+      keep_shape.assign(w.size() - 2, 1);  // Flax: [1] * (key.ndim - 2) + [q, kv]
+      keep_shape.push_back(d.Lq);
+      keep_shape.push_back(d.Lk);
+    } else {
+      keep_shape = w;
+    }
+    keep_storage.assign(static_cast<std::size_t>(num_elements(keep_shape)), 0);
+    o.dropout_rng(keep_prob, keep_shape, reinterpret_cast<bool*>(keep_storage.data()));
+  }
+  const bool* keep = reinterpret_cast<const bool*>(keep_storage.data());
+  // Flax: keep.astype(dtype) / jnp.asarray(keep_prob, dtype).
+  const C multiplier = static_cast<C>(static_cast<T>(1) / static_cast<T>(keep_prob));
+
+  const bool fp32_softmax = is_half_type_v<T> && o.force_fp32_for_softmax;
+  const T scale = depth_scale<T>(d.D);
+  const C lowest = static_cast<C>(std::numeric_limits<T>::lowest());
+  const Index HD = d.H * d.D, HDv = d.H * d.Dv;
+
+  Mat qs(d.Lq, d.D), kc(d.Lk, d.D), vc, s(d.Lq, d.Lk), o_bh;
+  std::vector<T> sow;  // weights before dropout, only when sowing
+  if (o.sow_weights) sow.resize(static_cast<std::size_t>(num_elements(d.weights_shape())));
+
+  for (Index b = 0; b < d.B; ++b) {
+    for (Index h = 0; h < d.H; ++h) {
+      const StridedT qm(query + b * d.Lq * HD + h * d.D, d.Lq, d.D, Eigen::OuterStride<>(HD));
+      const StridedT km(key + b * d.Lk * HD + h * d.D, d.Lk, d.D, Eigen::OuterStride<>(HD));
+      // query / sqrt(depth), rounded to T as Flax's division in dtype is.
+      for (Index i = 0; i < d.Lq; ++i)
+        for (Index c = 0; c < d.D; ++c) qs(i, c) = static_cast<C>(static_cast<T>(qm(i, c) / scale));
+      kc = km.template cast<C>();
+      s.noalias() = qs * kc.transpose();
+      for (Index i = 0; i < d.Lq; ++i) {
+        C* row = s.data() + i * d.Lk;
+        if constexpr (is_half_type_v<T>) {  // the einsum's result is stored in dtype
+          for (Index j = 0; j < d.Lk; ++j) row[j] = static_cast<C>(static_cast<T>(row[j]));
+        }
+        if (bias) {
+          const T* br = bias.row(b, h, i);
+          for (Index j = 0; j < d.Lk; ++j)
+            row[j] = static_cast<C>(static_cast<T>(row[j] + static_cast<C>(br[j * bias.sk])));
+        }
+        if (mask) {
+          const bool* mr = mask.row(b, h, i);
+          for (Index j = 0; j < d.Lk; ++j)
+            if (!mr[j * mask.sk]) row[j] = lowest;
+        }
+        // softmax over kv: exp(x - max) / sum. A fully masked row has max = lowest,
+        // so every entry is exp(0) = 1 and the row averages the values (Flax's behaviour).
+        C mx = -std::numeric_limits<C>::infinity();
+        for (Index j = 0; j < d.Lk; ++j) mx = std::max(mx, row[j]);
+        C sum = 0;
+        for (Index j = 0; j < d.Lk; ++j) {
+          row[j] = std::exp(row[j] - mx);
+          sum += row[j];
+        }
+        for (Index j = 0; j < d.Lk; ++j) {
+          row[j] /= sum;
+          if (!fp32_softmax) row[j] = static_cast<C>(static_cast<T>(row[j]));
+        }
+        if (!sow.empty()) {
+          T* dst = sow.data() + ((b * d.H + h) * d.Lq + i) * d.Lk;
+          for (Index j = 0; j < d.Lk; ++j) dst[j] = static_cast<T>(row[j]);
+        }
+        if (dropout) {
+          const bool* kr = keep + (o.broadcast_dropout ? i * d.Lk : ((b * d.H + h) * d.Lq + i) * d.Lk);
+          for (Index j = 0; j < d.Lk; ++j) {
+            row[j] = kr[j] ? row[j] * multiplier : C(0);
+            if (!fp32_softmax) row[j] = static_cast<C>(static_cast<T>(row[j]));
+          }
+        }
+        if (weights) {
+          T* dst = weights + ((b * d.H + h) * d.Lq + i) * d.Lk;
+          for (Index j = 0; j < d.Lk; ++j) dst[j] = static_cast<T>(row[j]);
+        }
+      }
+      if (out) {
+        const StridedT vm(value + b * d.Lk * HDv + h * d.Dv, d.Lk, d.Dv, Eigen::OuterStride<>(HDv));
+        vc = vm.template cast<C>();
+        o_bh.noalias() = s * vc;
+        StridedOut om(out + b * d.Lq * HDv + h * d.Dv, d.Lq, d.Dv, Eigen::OuterStride<>(HDv));
+        om = o_bh.template cast<T>();
+      }
+    }
+  }
+  if (o.sow_weights) o.sow_weights(ArrayRef<T>(sow.data(), d.weights_shape()));
+}
+
+template <class X>
+void require_tensor() {
+  static_assert(is_tensor_v<X>,
+                "linen: arguments must be linen::Tensor<T, N> (row-major) or a TensorMap of one");
+}
+
+}  // namespace detail
+
+// Computes dot-product attention weights given query and key.
+//   query: [batch..., q_length, num_heads, qk_depth_per_head]
+//   key:   [batch..., kv_length, num_heads, qk_depth_per_head]
+//   returns the weights [batch..., num_heads, q_length, kv_length] (after dropout, as Flax).
+// Q and K are linen::Tensor<T, N> or maps of one, N >= 3 (any number of batch dims).
+// Throws std::invalid_argument naming the shapes when ranks, batch dims, heads or depths
+// differ, or a mask/bias does not broadcast.
+template <class Q, class K>
+Tensor<typename detail::tensor_traits<Q>::scalar, detail::tensor_traits<Q>::rank>
+dot_product_attention_weights(
+    const Q& query, const K& key,
+    const AttentionOptions<typename detail::tensor_traits<Q>::scalar>& options = {}) {
+  detail::require_tensor<Q>();
+  detail::require_tensor<K>();
+  using T = typename detail::tensor_traits<Q>::scalar;
+  constexpr int N = detail::tensor_traits<Q>::rank;
+  static_assert(std::is_same_v<T, typename detail::tensor_traits<K>::scalar>,
+                "linen: query and key must have the same element type");
+  static_assert(N == detail::tensor_traits<K>::rank, "linen: q, k must have the same rank");
+  static_assert(N >= 3, "linen: query must be [batch..., q_length, num_heads, depth]");
+  const auto d = detail::check_qk(shape_of(query), shape_of(key), "dot_product_attention_weights");
+  Tensor<T, N> w(to_dims<N>(d.weights_shape()));
+  detail::attention_reference<T>(d, query.data(), key.data(), nullptr, options, nullptr, w.data(),
+                                 "dot_product_attention_weights");
+  return w;
+}
+
+// Computes dot-product attention given query, key, and value.
+//   query: [batch..., q_length, num_heads, qk_depth_per_head]
+//   key:   [batch..., kv_length, num_heads, qk_depth_per_head]
+//   value: [batch..., kv_length, num_heads, v_depth_per_head]
+//   returns [batch..., q_length, num_heads, v_depth_per_head].
+template <class Q, class K, class V>
+Tensor<typename detail::tensor_traits<Q>::scalar, detail::tensor_traits<Q>::rank>
+dot_product_attention(
+    const Q& query, const K& key, const V& value,
+    const AttentionOptions<typename detail::tensor_traits<Q>::scalar>& options = {}) {
+  detail::require_tensor<Q>();
+  detail::require_tensor<K>();
+  detail::require_tensor<V>();
+  using T = typename detail::tensor_traits<Q>::scalar;
+  constexpr int N = detail::tensor_traits<Q>::rank;
+  static_assert(std::is_same_v<T, typename detail::tensor_traits<K>::scalar> &&
+                    std::is_same_v<T, typename detail::tensor_traits<V>::scalar>,
+                "linen: query, key and value must have the same element type");
+  static_assert(N == detail::tensor_traits<K>::rank && N == detail::tensor_traits<V>::rank,
+                "linen: q, k, v must have the same rank");
+  static_assert(N >= 3, "linen: query must be [batch..., q_length, num_heads, depth]");
+  const auto d = detail::check_qkv(shape_of(query), shape_of(key), shape_of(value),
+                                   "dot_product_attention");
+  Tensor<T, N> out(to_dims<N>(d.output_shape()));
+  detail::attention_reference<T>(d, query.data(), key.data(), value.data(), options, out.data(),
+                                 nullptr, "dot_product_attention");
+  return out;
+}
+
+}  // namespace linen
+
+#endif  // LINEN_DOT_PRODUCT_ATTENTION_HPP

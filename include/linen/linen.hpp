@@ -1,0 +1,17 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// linen: Flax's attention layers for C++, on Eigen tensors.
+// The umbrella header: includes the public headers in dependency order, nothing else.
+// The file loaders (linen/io/...) need nlohmann_json and are included separately.
+#ifndef LINEN_LINEN_HPP
+#define LINEN_LINEN_HPP
+
+#include "version.hpp"
+#include "config.hpp"
+#include "errors.hpp"
+#include "tensor.hpp"
+#include "dropout_rng.hpp"
+#include "mask.hpp"
+#include "dot_product_attention.hpp"
+
+#endif  // LINEN_LINEN_HPP

@@ -1,0 +1,146 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Row-major tensors, so that shapes, names and bytes read exactly like numpy
+// and Flax: `[batch..., length, features]`, last index fastest.
+#ifndef LINEN_TENSOR_HPP
+#define LINEN_TENSOR_HPP
+
+#include <array>
+#include <cstddef>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <unsupported/Eigen/CXX11/Tensor>
+
+namespace linen {
+
+using Index = Eigen::Index;
+
+// linen::Tensor<T, N>: an owning row-major Eigen tensor.
+template <class T, int N>
+using Tensor = Eigen::Tensor<T, N, Eigen::RowMajor, Index>;
+
+// Views over caller memory, no copy: TensorMap<float, 3>(ptr, b, l, f).
+template <class T, int N>
+using TensorMap = Eigen::TensorMap<Tensor<T, N>>;
+template <class T, int N>
+using ConstTensorMap = Eigen::TensorMap<const Tensor<T, N>>;
+
+// A runtime shape, numpy style.
+using Shape = std::vector<Index>;
+
+// The element types linen computes in (Flax's float32, float64, float16, bfloat16).
+template <class T>
+inline constexpr bool is_element_type_v =
+    std::is_same_v<T, float> || std::is_same_v<T, double> ||
+    std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>;
+
+// Half types are computed (accumulated) in float, like XLA on CPU.
+template <class T>
+inline constexpr bool is_half_type_v =
+    std::is_same_v<T, Eigen::half> || std::is_same_v<T, Eigen::bfloat16>;
+
+// The type a product or a reduction accumulates in.
+template <class T>
+using accum_t = std::conditional_t<is_half_type_v<T>, float, T>;
+
+// numpy's name for an element type ("float32", "bfloat16", ...).
+template <class T>
+constexpr const char* dtype_name() {
+  if constexpr (std::is_same_v<T, float>) return "float32";
+  else if constexpr (std::is_same_v<T, double>) return "float64";
+  else if constexpr (std::is_same_v<T, Eigen::half>) return "float16";
+  else if constexpr (std::is_same_v<T, Eigen::bfloat16>) return "bfloat16";
+  else if constexpr (std::is_same_v<T, bool>) return "bool";
+  else if constexpr (std::is_same_v<T, std::int8_t>) return "int8";
+  else if constexpr (std::is_same_v<T, std::int16_t>) return "int16";
+  else if constexpr (std::is_same_v<T, std::int32_t>) return "int32";
+  else if constexpr (std::is_same_v<T, std::int64_t>) return "int64";
+  else if constexpr (std::is_same_v<T, std::uint8_t>) return "uint8";
+  else if constexpr (std::is_same_v<T, std::uint16_t>) return "uint16";
+  else if constexpr (std::is_same_v<T, std::uint32_t>) return "uint32";
+  else if constexpr (std::is_same_v<T, std::uint64_t>) return "uint64";
+  else return "unknown";
+}
+
+// "(2, 5, 3)", numpy's spelling of a shape; "()" for a scalar, "(4,)" for rank 1.
+inline std::string to_string(const Shape& shape) {
+  std::string s = "(";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  if (shape.size() == 1) s += ",";
+  return s + ")";
+}
+
+// The shape of any Eigen tensor or map, as a runtime Shape.
+template <class Derived>
+Shape shape_of(const Derived& t) {
+  const auto& d = t.dimensions();
+  return Shape(d.begin(), d.end());
+}
+
+// Product of the dims; throws std::overflow_error rather than wrap.
+inline Index num_elements(const Shape& shape) {
+  Index n = 1;
+  for (Index d : shape) {
+    if (d < 0) throw std::invalid_argument("linen: negative dimension in shape " + to_string(shape));
+    if (d != 0 && n > std::numeric_limits<Index>::max() / d)
+      throw std::overflow_error("linen: element count of shape " + to_string(shape) + " overflows");
+    n *= d;
+  }
+  return n;
+}
+
+// Shape -> Eigen dimensions of a fixed rank; throws on a rank mismatch.
+template <int N>
+std::array<Index, N> to_dims(const Shape& shape) {
+  if (shape.size() != static_cast<std::size_t>(N))
+    throw std::invalid_argument("linen: expected a rank-" + std::to_string(N) + " shape, got " +
+                                to_string(shape));
+  std::array<Index, N> d{};
+  for (int i = 0; i < N; ++i) d[i] = shape[i];
+  return d;
+}
+
+// ArrayRef<T>: a non-owning, read-only view of a row-major array of any rank,
+// used for the broadcastable `mask` and `bias` arguments (numpy broadcasting:
+// shapes align at the right, a dim of 1 repeats). Default-constructed it is
+// Flax's `None`. It never owns memory: binding it to a temporary tensor is a
+// compile error, so a mask cannot dangle.
+template <class T>
+class ArrayRef {
+ public:
+  ArrayRef() = default;
+  ArrayRef(const T* data, Shape shape) : data_(data), shape_(std::move(shape)) {
+    if (data_ == nullptr && num_elements(shape_) != 0)
+      throw std::invalid_argument("linen: ArrayRef of shape " + to_string(shape_) + " over null data");
+  }
+  template <int N>
+  ArrayRef(const Tensor<T, N>& t) : data_(t.data()), shape_(shape_of(t)) {}  // NOLINT: implicit
+  template <int N>
+  ArrayRef(Tensor<T, N>&&) = delete;  // would dangle
+  template <int N>
+  ArrayRef(const TensorMap<T, N>& t) : data_(t.data()), shape_(shape_of(t)) {}  // NOLINT
+  template <int N>
+  ArrayRef(const ConstTensorMap<T, N>& t) : data_(t.data()), shape_(shape_of(t)) {}  // NOLINT
+
+  bool has_value() const { return data_ != nullptr || !shape_.empty(); }
+  explicit operator bool() const { return has_value(); }
+  const T* data() const { return data_; }
+  const Shape& shape() const { return shape_; }
+  int rank() const { return static_cast<int>(shape_.size()); }
+
+ private:
+  const T* data_ = nullptr;
+  Shape shape_;
+};
+
+}  // namespace linen
+
+#endif  // LINEN_TENSOR_HPP
