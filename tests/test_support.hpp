@@ -1,0 +1,62 @@
+// SPDX-License-Identifier: Apache-2.0
+// Shared helpers of the test suite: fixture loading and Flax's error metric.
+#ifndef LINEN_TESTS_TEST_SUPPORT_HPP
+#define LINEN_TESTS_TEST_SUPPORT_HPP
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include <linen/io/safetensors.hpp>
+#include <linen/linen.hpp>
+
+#ifndef LINEN_TEST_DATA_DIR
+#define LINEN_TEST_DATA_DIR "tests/data"
+#endif
+
+namespace linen_test {
+
+inline std::string data_path(const std::string& rel) { return std::string(LINEN_TEST_DATA_DIR) + "/" + rel; }
+
+// A Flax golden fixture, tests/data/flax/<name>.safetensors.
+inline linen::io::Variables fixture(const std::string& name) {
+  return linen::io::load_safetensors(data_path("flax/" + name + ".safetensors"));
+}
+
+// The fixtures' metric: max |actual - expected| / max |expected|, computed in double.
+template <class A, class E>
+double rel_err(const A& actual, const E& expected) {
+  EXPECT_EQ(linen::shape_of(actual), linen::shape_of(expected));
+  if (linen::shape_of(actual) != linen::shape_of(expected)) return INFINITY;
+  double err = 0, scale = 0;
+  for (linen::Index i = 0; i < expected.size(); ++i) {
+    const double e = static_cast<double>(expected.data()[i]);
+    const double a = static_cast<double>(actual.data()[i]);
+    if (std::isnan(a) != std::isnan(e)) return INFINITY;
+    if (std::isnan(e)) continue;
+    err = std::max(err, std::abs(a - e));
+    scale = std::max(scale, std::abs(e));
+  }
+  return scale > 0 ? err / scale : err;
+}
+
+// Tolerances that real Flax meets (tests/data/flax/README.md).
+template <class T>
+constexpr double tolerance() {
+  if constexpr (std::is_same_v<T, double>) return 1e-12;
+  else if constexpr (std::is_same_v<T, float>) return 2e-6;
+  else if constexpr (std::is_same_v<T, Eigen::half>) return 5e-3;
+  else return 2e-2;
+}
+
+// Casts every element (Eigen's cast, keeping rank and layout).
+template <class To, class From, int N>
+linen::Tensor<To, N> cast(const linen::Tensor<From, N>& t) {
+  return t.template cast<To>();
+}
+
+}  // namespace linen_test
+
+#endif  // LINEN_TESTS_TEST_SUPPORT_HPP
