@@ -1,0 +1,165 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// DenseGeneral (flax/linen/linear.py): a linear map contracting the trailing `Axes` input
+// dims against a kernel [in_dims..., features...], plus a bias [features...].
+#ifndef LINEN_DENSE_HPP
+#define LINEN_DENSE_HPP
+
+#include <array>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#include "detail/broadcast.hpp"
+#include "dot_product_attention.hpp"  // Precision
+#include "initializers.hpp"
+#include "random.hpp"
+#include "tensor.hpp"
+
+namespace linen {
+
+// Parameters of one DenseGeneral, named as Flax names them.
+//   kernel: [in_dims..., features...]   (query: [in, heads, head_dim]; out: [heads, head_dim, out])
+//   bias:   [features...]              (empty, size 0, when use_bias is false)
+template <class ParamT, int Axes, int Features>
+struct DenseParams {
+  Tensor<ParamT, Axes + Features> kernel;
+  Tensor<ParamT, Features> bias;
+};
+
+// DenseGeneral<T, ParamT, Axes, Features>: T is Flax's `dtype` (the computation type),
+// ParamT its `param_dtype`. Flax's `axis` is the trailing `Axes` dims of the input
+// (axis=-1 -> Axes=1; axis=(-2, -1) -> Axes=2); `features` has `Features` dims.
+template <class T, class ParamT = T, int Axes = 1, int Features = 1>
+class DenseGeneral {
+  static_assert(is_element_type_v<T> && is_element_type_v<ParamT>,
+                "linen: DenseGeneral element types must be float, double, Eigen::half or Eigen::bfloat16");
+  static_assert(Axes >= 1 && Features >= 1, "linen: DenseGeneral needs at least one axis and one feature dim");
+
+ public:
+  using Params = DenseParams<ParamT, Axes, Features>;
+
+  struct Config {
+    std::array<Index, Features> features{};
+    bool use_bias = true;
+    initializers::Initializer<ParamT> kernel_init = initializers::lecun_normal();
+    initializers::Initializer<ParamT> bias_init = initializers::zeros();
+    Precision precision = Precision::Default;
+  };
+
+  DenseGeneral() = default;
+  explicit DenseGeneral(Config config) : config_(std::move(config)) {
+    for (Index f : config_.features)
+      if (f <= 0)
+        throw std::invalid_argument("DenseGeneral: features must be positive, got " +
+                                    to_string(Shape(config_.features.begin(), config_.features.end())));
+  }
+  const Config& config() const { return config_; }
+
+  // Makes the parameters as Flax's init does: the kernel initializer sees the flattened
+  // 2-D shape (prod(in_dims), prod(features)) (so fan_in = prod(in_dims)), the bias
+  // initializer (prod(features),); both are then reshaped.
+  //   in_dims: the trailing `Axes` dims of the input.
+  Params init(const std::array<Index, Axes>& in_dims, random::Key kernel_key, random::Key bias_key) const {
+    Params p;
+    std::array<Index, Axes + Features> kdims{};
+    Index in = 1, out = 1;
+    for (int i = 0; i < Axes; ++i) {
+      if (in_dims[i] <= 0)
+        throw std::invalid_argument("DenseGeneral: input feature dims must be positive, got " +
+                                    to_string(Shape(in_dims.begin(), in_dims.end())));
+      kdims[i] = in_dims[i];
+      in *= in_dims[i];
+    }
+    for (int i = 0; i < Features; ++i) {
+      kdims[Axes + i] = config_.features[i];
+      out *= config_.features[i];
+    }
+    p.kernel.resize(kdims);
+    if (!config_.kernel_init) throw std::invalid_argument("DenseGeneral: kernel_init is empty");
+    config_.kernel_init(kernel_key, Shape{in, out}, p.kernel.data());
+    if (config_.use_bias) {
+      if (!config_.bias_init) throw std::invalid_argument("DenseGeneral: bias_init is empty");
+      p.bias.resize(config_.features);
+      config_.bias_init(bias_key, Shape{out}, p.bias.data());
+    }
+    return p;
+  }
+
+  // y = x . kernel + bias, with Flax's promotion (x, kernel, bias cast to T; products
+  // accumulate in float for half types).
+  //   x: [batch..., in_dims...]  ->  [batch..., features...]
+  // Throws std::invalid_argument naming the shapes when x's trailing dims do not match the
+  // kernel, or the parameters do not match the config.
+  template <class X>
+  Tensor<T, detail::tensor_traits<X>::rank - Axes + Features> apply(const Params& p, const X& x) const {
+    static_assert(detail::is_tensor_v<X>, "linen: DenseGeneral::apply takes a linen::Tensor (or a map of one)");
+    constexpr int N = detail::tensor_traits<X>::rank;
+    static_assert(N >= Axes, "linen: DenseGeneral input rank is below its contracted axes");
+    using I = typename detail::tensor_traits<X>::scalar;
+    const Shape xs = shape_of(x);
+    check_params(p, xs);
+    Shape ys(xs.begin(), xs.end() - Axes);
+    ys.insert(ys.end(), config_.features.begin(), config_.features.end());
+    Tensor<T, N - Axes + Features> y(to_dims<N - Axes + Features>(ys));
+    apply_raw<I>(p, x.data(), xs, y.data());
+    return y;
+  }
+
+  // The same over raw row-major memory: x of shape xs, y of [batch..., features...].
+  template <class I>
+  void apply_raw(const Params& p, const I* x, const Shape& xs, T* y) const {
+    using C = accum_t<T>;
+    using RM = Eigen::Matrix<C, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    Index in = 1, out = 1;
+    for (int i = 0; i < Axes; ++i) in *= xs[xs.size() - Axes + i];
+    for (Index f : config_.features) out *= f;
+    const Index m = in ? num_elements(xs) / in : 0;
+    Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> ym(y, m, out);
+    if constexpr (std::is_same_v<I, T> && std::is_same_v<ParamT, T> && std::is_same_v<C, T>) {
+      // float/double with matching types: multiply in place, no copies.
+      Eigen::Map<const RM> xm(x, m, in), km(p.kernel.data(), in, out);
+      ym.noalias() = xm * km;
+      if (config_.use_bias) ym.rowwise() += Eigen::Map<const Eigen::Matrix<C, 1, Eigen::Dynamic>>(p.bias.data(), out);
+    } else {
+      // Flax's promote_dtype: cast inputs and params to T, then compute.
+      RM xm(m, in), km(in, out);
+      for (Index i = 0; i < m * in; ++i) xm.data()[i] = static_cast<C>(static_cast<T>(x[i]));
+      for (Index i = 0; i < in * out; ++i) km.data()[i] = static_cast<C>(static_cast<T>(p.kernel.data()[i]));
+      RM acc = xm * km;
+      if (config_.use_bias) {
+        for (Index r = 0; r < m; ++r)
+          for (Index c = 0; c < out; ++c)
+            ym(r, c) = static_cast<T>(static_cast<C>(static_cast<T>(acc(r, c))) +
+                                      static_cast<C>(static_cast<T>(p.bias.data()[c])));
+      } else {
+        ym = acc.template cast<T>();
+      }
+    }
+  }
+
+  // Throws when the parameters do not fit the config and an input of shape xs.
+  void check_params(const Params& p, const Shape& xs) const {
+    Shape kexp(xs.end() - Axes, xs.end());
+    kexp.insert(kexp.end(), config_.features.begin(), config_.features.end());
+    if (shape_of(p.kernel) != kexp)
+      throw std::invalid_argument("DenseGeneral: kernel of shape " + to_string(shape_of(p.kernel)) +
+                                  " does not fit input of shape " + to_string(xs) + " (expected kernel " +
+                                  to_string(kexp) + ")");
+    if (config_.use_bias) {
+      const Shape bexp(config_.features.begin(), config_.features.end());
+      if (shape_of(p.bias) != bexp)
+        throw std::invalid_argument("DenseGeneral: bias of shape " + to_string(shape_of(p.bias)) +
+                                    ", expected " + to_string(bexp));
+    }
+  }
+
+ private:
+  Config config_{};
+};
+
+}  // namespace linen
+
+#endif  // LINEN_DENSE_HPP

@@ -1,0 +1,161 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Binding Flax checkpoints to attention modules: Flax variable paths
+// (`params/<module path>/query/kernel`, `cache/<module path>/cached_key`, ...) to and from
+// linen::AttentionVariables, with every shape checked against the module's config.
+#ifndef LINEN_IO_ATTENTION_HPP
+#define LINEN_IO_ATTENTION_HPP
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../attention.hpp"
+#include "../errors.hpp"
+#include "variables.hpp"
+
+namespace linen {
+namespace io {
+namespace detail {
+
+inline std::string join_path(const std::string& collection, const std::string& module_path, const std::string& leaf) {
+  std::string p = collection;
+  if (!module_path.empty()) p += "/" + module_path;
+  return p + "/" + leaf;
+}
+
+// A stored cache array [batch..., max_length, heads, head_dim] read as
+// [prod(batch), max_length, heads, head_dim]; `batch` receives its batch dims.
+template <class T>
+Tensor<T, 4> read_flattened_cache(const Variables& vars, const std::string& path, Index heads, Index head_dim,
+                                  Shape& batch) {
+  const Array& a = vars.at(path);
+  const Shape& s = a.shape();
+  if (s.size() < 3 || s[s.size() - 2] != heads || s[s.size() - 1] != head_dim)
+    throw io_error(path + ": shape " + to_string(s) + " is not [batch..., max_length, " + std::to_string(heads) +
+                   ", " + std::to_string(head_dim) + "]");
+  batch.assign(s.begin(), s.end() - 3);
+  const std::vector<T> data = a.template to_vector<T>(path);
+  Tensor<T, 4> t(num_elements(batch), s[s.size() - 3], heads, head_dim);
+  std::copy(data.begin(), data.end(), t.data());
+  return t;
+}
+
+}  // namespace detail
+
+// Reads the variables of one attention module from a checkpoint.
+//   vars: a loaded checkpoint (load_safetensors, load_msgpack), flat Flax paths.
+//   module_path: where the module sits in the model ("" = the root module; e.g.
+//     "encoder/attn_0" reads params/encoder/attn_0/query/kernel, ...).
+// params are converted to ParamT and checked against the config: query/key/value kernels
+// [in, num_heads, head_dim] (qkv_features = num_heads * head_dim when set), biases
+// [num_heads, head_dim] when use_bias, out/kernel [num_heads, head_dim, out] (out =
+// out_features when set), out/bias [out], query_ln/key_ln scale [head_dim] when
+// normalize_qk. The cache (cache/<module_path>/cached_key, cached_value
+// [batch..., max_length, num_heads, head_dim], cache_index int scalar) is read when
+// present. A missing tensor or a wrong shape throws linen::io_error naming the path and
+// both shapes.
+template <class T, class ParamT>
+AttentionVariables<T, ParamT> load_attention(const Variables& vars, const AttentionConfig<T, ParamT>& config,
+                                            const std::string& module_path = "") {
+  AttentionVariables<T, ParamT> out;
+  auto path = [&](const std::string& leaf) { return detail::join_path("params", module_path, leaf); };
+  const Index H = config.num_heads;
+  if (H <= 0) throw std::invalid_argument("load_attention: num_heads must be positive");
+  const std::string qk = path("query/kernel");
+  const Shape qks = vars.at(qk).shape();
+  if (qks.size() != 3 || qks[1] != H || qks[2] <= 0)
+    throw io_error(qk + ": shape " + to_string(qks) + " is not [in_features, num_heads=" + std::to_string(H) +
+                   ", head_dim]");
+  const Index dh = qks[2];
+  if (config.qkv_features && *config.qkv_features != H * dh)
+    throw io_error(qk + ": shape " + to_string(qks) + " gives qkv_features " + std::to_string(H * dh) +
+                   ", the config says " + std::to_string(*config.qkv_features));
+  auto& p = out.params;
+  auto read_dense = [&](DenseParams<ParamT, 1, 2>& d, const std::string& name) {
+    const std::string kp = path(name + "/kernel");
+    const Shape ks = vars.at(kp).shape();
+    const Index in = ks.empty() ? 0 : ks[0];
+    d.kernel = vars.template get<ParamT, 3>(kp, Shape{in, H, dh});
+    if (config.use_bias) d.bias = vars.template get<ParamT, 2>(path(name + "/bias"), Shape{H, dh});
+  };
+  read_dense(p.query, "query");
+  read_dense(p.key, "key");
+  read_dense(p.value, "value");
+  {
+    const std::string kp = path("out/kernel");
+    const Shape ks = vars.at(kp).shape();
+    const Index of = ks.size() == 3 ? ks[2] : 0;
+    if (config.out_features && ks.size() == 3 && of != *config.out_features)
+      throw io_error(kp + ": shape " + to_string(ks) + " gives out_features " + std::to_string(of) +
+                     ", the config says " + std::to_string(*config.out_features));
+    p.out.kernel = vars.template get<ParamT, 3>(kp, Shape{H, dh, of});
+    if (config.use_bias) p.out.bias = vars.template get<ParamT, 1>(path("out/bias"), Shape{of});
+  }
+  if (config.normalize_qk) {
+    p.query_ln.scale = vars.template get<ParamT, 1>(path("query_ln/scale"), Shape{dh});
+    p.key_ln.scale = vars.template get<ParamT, 1>(path("key_ln/scale"), Shape{dh});
+  }
+  const std::string ck = detail::join_path("cache", module_path, "cached_key");
+  if (vars.contains(ck)) {
+    AttentionCache<T> c;
+    const std::string cv = detail::join_path("cache", module_path, "cached_value");
+    Shape value_batch;
+    c.cached_key = detail::read_flattened_cache<T>(vars, ck, H, dh, c.batch);
+    c.cached_value = detail::read_flattened_cache<T>(vars, cv, H, dh, value_batch);
+    if (vars.at(cv).shape() != vars.at(ck).shape())
+      throw io_error(cv + ": shape " + to_string(vars.at(cv).shape()) + " differs from " + ck + "'s " +
+                     to_string(vars.at(ck).shape()));
+    const std::string ci = detail::join_path("cache", module_path, "cache_index");
+    const Array& ia = vars.at(ci);
+    if (!ia.shape().empty()) throw io_error(ci + ": shape " + to_string(ia.shape()) + " expected a scalar ()");
+    const auto idx = ia.template to_vector<std::int32_t>(ci);
+    if (idx[0] < 0 || idx[0] > c.max_length())
+      throw io_error(ci + ": value " + std::to_string(idx[0]) + " outside [0, max_length=" +
+                     std::to_string(c.max_length()) + "]");
+    c.cache_index = idx[0];
+    out.cache = std::move(c);
+  }
+  return out;
+}
+
+// Writes the module's variables under Flax's paths (the inverse of load_attention):
+// params/<module_path>/..., and cache/<module_path>/... when a cache is present, the
+// cache in Flax's layout [batch..., max_length, num_heads, head_dim].
+template <class T, class ParamT>
+void store_attention(Variables& vars, const AttentionVariables<T, ParamT>& v, const AttentionConfig<T, ParamT>& config,
+                     const std::string& module_path = "") {
+  auto path = [&](const std::string& leaf) { return detail::join_path("params", module_path, leaf); };
+  const auto& p = v.params;
+  const std::pair<const char*, const DenseParams<ParamT, 1, 2>*> dense[] = {
+      {"query", &p.query}, {"key", &p.key}, {"value", &p.value}};
+  for (const auto& [name, d] : dense) {
+    vars.set(path(std::string(name) + "/kernel"), d->kernel);
+    if (config.use_bias) vars.set(path(std::string(name) + "/bias"), d->bias);
+  }
+  vars.set(path("out/kernel"), p.out.kernel);
+  if (config.use_bias) vars.set(path("out/bias"), p.out.bias);
+  if (config.normalize_qk) {
+    vars.set(path("query_ln/scale"), p.query_ln.scale);
+    vars.set(path("key_ln/scale"), p.key_ln.scale);
+  }
+  if (v.cache) {
+    const auto& c = *v.cache;
+    for (const auto& [name, t] : {std::pair{"cached_key", &c.cached_key}, std::pair{"cached_value", &c.cached_value}}) {
+      Shape s = c.batch;
+      s.insert(s.end(), {t->dimension(1), t->dimension(2), t->dimension(3)});
+      Array a = Array::from(*t);
+      vars.set(detail::join_path("cache", module_path, name), Array(a.dtype(), s, a.bytes()));
+    }
+    std::vector<std::uint8_t> bytes(4);
+    const std::int32_t idx = c.cache_index;
+    std::memcpy(bytes.data(), &idx, 4);  // little-endian hosts only, like the readers
+    vars.set(detail::join_path("cache", module_path, "cache_index"), Array(DType::I32, Shape{}, std::move(bytes)));
+  }
+}
+
+}  // namespace io
+}  // namespace linen
+
+#endif  // LINEN_IO_ATTENTION_HPP
