@@ -202,6 +202,32 @@ TEST_P(DropoutGolden, InjectedKeepMaskReproducesFlax) {
   EXPECT_EQ(draws, 1);
 }
 
+// With the JAX key Flax used (dropout/key_data = key(42)), the keep mask and the output
+// are Flax's, bit for bit in the mask.
+TEST_P(DropoutGolden, JaxKeyReproducesFlax) {
+  const std::string name = GetParam();
+  const auto f = fixture(name);
+  const auto cfg = linen_test::config_from<float, float>(linen_test::fixture_config(f));
+  const auto vars = linen::io::load_attention(f, cfg);
+  const auto x = f.get<float, 3>("inputs/q");
+  const auto key_data = f.get<std::uint32_t, 1>("dropout/key_data");
+  const auto key = linen::random::wrap_key_data({key_data(0), key_data(1)});
+  EXPECT_EQ(key, linen::random::key(std::stoull(f.metadata.at("dropout_seed"))));
+  const auto keep = f.get<bool, 4>("dropout/keep");
+  std::vector<char> drawn;
+  linen::CallOptions<float> call;
+  call.deterministic = false;
+  call.dropout_rng = [&](double p, const Shape& shape, bool* out) {
+    key.bernoulli(p, shape, out);
+    drawn.assign(out, out + linen::num_elements(shape));
+  };
+  (void)linen::SelfAttention<float>(cfg).apply(vars, x, call);
+  ASSERT_EQ(drawn.size(), static_cast<std::size_t>(keep.size()));
+  for (Index i = 0; i < keep.size(); ++i) EXPECT_EQ(bool(drawn[i]), keep.data()[i]) << i;
+  call.dropout_rng = key;
+  EXPECT_LE(rel_err(linen::SelfAttention<float>(cfg).apply(vars, x, call), f.get<double, 3>("output")), 2e-6);
+}
+
 INSTANTIATE_TEST_SUITE_P(Flax, DropoutGolden, ::testing::Values("dropout_broadcast", "dropout_full"),
                          [](const auto& info) { return std::string(info.param); });
 
