@@ -11,7 +11,12 @@
 #include "errors.hpp"
 #include "tensor.hpp"
 #include "dropout_rng.hpp"
+#include "random.hpp"
+#include "initializers.hpp"
 #include "mask.hpp"
 #include "dot_product_attention.hpp"
+#include "dense.hpp"
+#include "layer_norm.hpp"
+#include "attention.hpp"
 
 #endif  // LINEN_LINEN_HPP
