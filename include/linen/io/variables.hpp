@@ -1,0 +1,600 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Flax variables as a flat, ordered store: the `{'params': {...}, 'cache': {...}}`
+// tree of a Flax module, flattened to paths joined with '/' ("params/query/kernel",
+// "cache/cache_index"), each holding one typed array. The loaders
+// (io/safetensors.hpp, io/msgpack.hpp) read into it and write from it; modules take
+// their parameters out of it with get<T, N>(path, expected_shape).
+#ifndef LINEN_IO_VARIABLES_HPP
+#define LINEN_IO_VARIABLES_HPP
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../errors.hpp"
+#include "../tensor.hpp"
+#include "detail/bytes.hpp"
+
+namespace linen::io {
+
+// The element types a stored array can have: safetensors' set, also numpy's.
+enum class DType { F16, BF16, F32, F64, I8, I16, I32, I64, U8, U16, U32, U64, BOOL };
+
+// Bytes per element (BOOL: one byte holding 0 or 1).
+inline std::size_t itemsize(DType d) {
+  switch (d) {
+    case DType::BOOL:
+    case DType::I8:
+    case DType::U8:
+      return 1;
+    case DType::F16:
+    case DType::BF16:
+    case DType::I16:
+    case DType::U16:
+      return 2;
+    case DType::F32:
+    case DType::I32:
+    case DType::U32:
+      return 4;
+    case DType::F64:
+    case DType::I64:
+    case DType::U64:
+      return 8;
+  }
+  throw std::invalid_argument("linen::io: invalid DType value " + std::to_string(static_cast<int>(d)));
+}
+
+// safetensors' name of a dtype: "F32", "BF16", "BOOL", ...
+inline const char* safetensors_name(DType d) {
+  switch (d) {
+    case DType::F16:
+      return "F16";
+    case DType::BF16:
+      return "BF16";
+    case DType::F32:
+      return "F32";
+    case DType::F64:
+      return "F64";
+    case DType::I8:
+      return "I8";
+    case DType::I16:
+      return "I16";
+    case DType::I32:
+      return "I32";
+    case DType::I64:
+      return "I64";
+    case DType::U8:
+      return "U8";
+    case DType::U16:
+      return "U16";
+    case DType::U32:
+      return "U32";
+    case DType::U64:
+      return "U64";
+    case DType::BOOL:
+      return "BOOL";
+  }
+  throw std::invalid_argument("linen::io: invalid DType value " + std::to_string(static_cast<int>(d)));
+}
+
+// numpy's name of a dtype: "float32", "bfloat16", "bool", ... (what Flax msgpack stores).
+inline const char* numpy_name(DType d) {
+  switch (d) {
+    case DType::F16:
+      return "float16";
+    case DType::BF16:
+      return "bfloat16";
+    case DType::F32:
+      return "float32";
+    case DType::F64:
+      return "float64";
+    case DType::I8:
+      return "int8";
+    case DType::I16:
+      return "int16";
+    case DType::I32:
+      return "int32";
+    case DType::I64:
+      return "int64";
+    case DType::U8:
+      return "uint8";
+    case DType::U16:
+      return "uint16";
+    case DType::U32:
+      return "uint32";
+    case DType::U64:
+      return "uint64";
+    case DType::BOOL:
+      return "bool";
+  }
+  throw std::invalid_argument("linen::io: invalid DType value " + std::to_string(static_cast<int>(d)));
+}
+
+inline constexpr DType kAllDTypes[] = {DType::F16, DType::BF16, DType::F32, DType::F64, DType::I8,
+                                       DType::I16, DType::I32,  DType::I64, DType::U8,  DType::U16,
+                                       DType::U32, DType::U64,  DType::BOOL};
+
+// The dtype whose safetensors name is `name` ("F32" -> F32); nullopt if none is.
+inline std::optional<DType> dtype_from_safetensors_name(std::string_view name) {
+  for (DType d : kAllDTypes)
+    if (name == safetensors_name(d)) return d;
+  return std::nullopt;
+}
+
+// The dtype whose numpy name is `name` ("float32" -> F32); nullopt if none is.
+inline std::optional<DType> dtype_from_numpy_name(std::string_view name) {
+  for (DType d : kAllDTypes)
+    if (name == numpy_name(d)) return d;
+  return std::nullopt;
+}
+
+namespace detail {
+template <class>
+inline constexpr bool always_false_v = false;
+}  // namespace detail
+
+// The dtype of a C++ element type: float -> F32, Eigen::bfloat16 -> BF16, bool -> BOOL,
+// std::int32_t -> I32, ... Any other type is a compile error.
+template <class T>
+constexpr DType dtype_of() {
+  if constexpr (std::is_same_v<T, Eigen::half>)
+    return DType::F16;
+  else if constexpr (std::is_same_v<T, Eigen::bfloat16>)
+    return DType::BF16;
+  else if constexpr (std::is_same_v<T, float>)
+    return DType::F32;
+  else if constexpr (std::is_same_v<T, double>)
+    return DType::F64;
+  else if constexpr (std::is_same_v<T, bool>)
+    return DType::BOOL;
+  else if constexpr (std::is_same_v<T, std::int8_t>)
+    return DType::I8;
+  else if constexpr (std::is_same_v<T, std::int16_t>)
+    return DType::I16;
+  else if constexpr (std::is_same_v<T, std::int32_t>)
+    return DType::I32;
+  else if constexpr (std::is_same_v<T, std::int64_t>)
+    return DType::I64;
+  else if constexpr (std::is_same_v<T, std::uint8_t>)
+    return DType::U8;
+  else if constexpr (std::is_same_v<T, std::uint16_t>)
+    return DType::U16;
+  else if constexpr (std::is_same_v<T, std::uint32_t>)
+    return DType::U32;
+  else if constexpr (std::is_same_v<T, std::uint64_t>)
+    return DType::U64;
+  else
+    static_assert(detail::always_false_v<T>, "linen::io: no stored dtype for this element type");
+}
+
+namespace detail {
+
+template <class T>
+struct type_tag {
+  using type = T;
+};
+
+// Calls f(type_tag<C++ type of d>{}).
+template <class F>
+decltype(auto) visit_dtype(DType d, F&& f) {
+  switch (d) {
+    case DType::F16:
+      return f(type_tag<Eigen::half>{});
+    case DType::BF16:
+      return f(type_tag<Eigen::bfloat16>{});
+    case DType::F32:
+      return f(type_tag<float>{});
+    case DType::F64:
+      return f(type_tag<double>{});
+    case DType::I8:
+      return f(type_tag<std::int8_t>{});
+    case DType::I16:
+      return f(type_tag<std::int16_t>{});
+    case DType::I32:
+      return f(type_tag<std::int32_t>{});
+    case DType::I64:
+      return f(type_tag<std::int64_t>{});
+    case DType::U8:
+      return f(type_tag<std::uint8_t>{});
+    case DType::U16:
+      return f(type_tag<std::uint16_t>{});
+    case DType::U32:
+      return f(type_tag<std::uint32_t>{});
+    case DType::U64:
+      return f(type_tag<std::uint64_t>{});
+    case DType::BOOL:
+      return f(type_tag<bool>{});
+  }
+  throw std::invalid_argument("linen::io: invalid DType value " + std::to_string(static_cast<int>(d)));
+}
+
+template <class T>
+inline constexpr bool is_float_v = std::is_floating_point_v<T> || is_half_type_v<T>;
+
+// Element count of `shape`, or io_error naming `what` on a negative dim or overflow.
+inline Index checked_count(const Shape& shape, const std::string& what) {
+  Index n = 1;
+  for (Index d : shape) {
+    if (d < 0) throw io_error(what + ": negative dimension in shape " + to_string(shape));
+    if (d != 0 && n > std::numeric_limits<Index>::max() / d)
+      throw io_error(what + ": element count of shape " + to_string(shape) + " overflows");
+    n *= d;
+  }
+  return n;
+}
+
+// Does integer v fit in integer type To?
+template <class To, class From>
+bool int_fits(From v) {
+  static_assert(std::is_integral_v<To> && std::is_integral_v<From>);
+  if constexpr (std::is_signed_v<From>) {
+    const auto w = static_cast<std::intmax_t>(v);
+    if constexpr (std::is_signed_v<To>) {
+      return w >= static_cast<std::intmax_t>(std::numeric_limits<To>::min()) &&
+             w <= static_cast<std::intmax_t>(std::numeric_limits<To>::max());
+    } else {
+      return w >= 0 && static_cast<std::uintmax_t>(w) <= static_cast<std::uintmax_t>(std::numeric_limits<To>::max());
+    }
+  } else {
+    return static_cast<std::uintmax_t>(v) <= static_cast<std::uintmax_t>(std::numeric_limits<To>::max());
+  }
+}
+
+template <class V>
+std::string int_string(V v) {
+  if constexpr (std::is_signed_v<V>)
+    return std::to_string(static_cast<std::intmax_t>(v));
+  else
+    return std::to_string(static_cast<std::uintmax_t>(v));
+}
+
+// double -> half / bfloat16 rounded once, to nearest even (a plain detour through
+// float rounds twice and can miss a tie by one ulp). Rounding to float with
+// round-to-odd first keeps enough sticky information for the final rounding.
+template <class T>
+T double_to_half_type(double d) {
+  float f = static_cast<float>(d);
+  if (std::isfinite(f) && static_cast<double>(f) != d) {
+    const auto bits = Eigen::numext::bit_cast<std::uint32_t>(f);
+    if ((bits & 1u) == 0) f = std::nextafter(f, d > static_cast<double>(f) ? HUGE_VALF : -HUGE_VALF);
+  }
+  return T(f);
+}
+
+// One floating-point value S -> floating-point T, rounding to nearest even.
+template <class T, class S>
+T float_cast(S s) {
+  if constexpr (std::is_same_v<T, S>)
+    return s;
+  else if constexpr (std::is_same_v<S, double> && is_half_type_v<T>)
+    return double_to_half_type<T>(s);
+  else if constexpr (is_half_type_v<S>)
+    return static_cast<T>(static_cast<float>(s));
+  else
+    return static_cast<T>(s);
+}
+
+}  // namespace detail
+
+// One stored tensor: its dtype, its shape and its little-endian C-order (row-major)
+// bytes. Owning and immutable. A scalar has shape () and one element.
+class Array {
+ public:
+  // bytes: prod(shape) * itemsize(dtype) bytes, little-endian, row-major.
+  // Throws io_error if the byte count does not match, or the shape has a negative dim.
+  Array(DType dtype, Shape shape, std::vector<std::uint8_t> bytes)
+      : dtype_(dtype), shape_(std::move(shape)), bytes_(std::move(bytes)) {
+    size_ = detail::checked_count(shape_, std::string("array of dtype ") + numpy_name(dtype_));
+    const auto item = static_cast<Index>(itemsize(dtype_));
+    if (size_ > std::numeric_limits<Index>::max() / item)
+      throw io_error("array of shape " + to_string(shape_) + " and dtype " + numpy_name(dtype_) +
+                     ": byte count overflows");
+    if (static_cast<Index>(bytes_.size()) != size_ * item)
+      throw io_error("array of shape " + to_string(shape_) + " and dtype " + numpy_name(dtype_) + " needs " +
+                     std::to_string(size_ * item) + " bytes, got " + std::to_string(bytes_.size()));
+  }
+
+  DType dtype() const { return dtype_; }
+  const Shape& shape() const { return shape_; }
+  const std::vector<std::uint8_t>& bytes() const { return bytes_; }
+  // Number of elements: prod(shape), 1 for a scalar.
+  Index size() const { return size_; }
+  int rank() const { return static_cast<int>(shape_.size()); }
+
+  // The array holding a copy of `t` (dtype = dtype_of<T>(), shape = t's dims).
+  template <class T, int N>
+  static Array from(const Tensor<T, N>& t) {
+    return from_data(t.data(), shape_of(t));
+  }
+  template <class T, int N>
+  static Array from(const ConstTensorMap<T, N>& t) {
+    return from_data(t.data(), shape_of(t));
+  }
+  template <class T, int N>
+  static Array from(const TensorMap<T, N>& t) {
+    return from_data(t.data(), shape_of(t));
+  }
+  // The array holding a copy of the prod(shape) row-major elements at `data`.
+  template <class T>
+  static Array from_data(const T* data, Shape shape) {
+    constexpr DType d = dtype_of<T>();
+    const Index n = detail::checked_count(shape, std::string("array of dtype ") + numpy_name(d));
+    if (n > 0 && data == nullptr)
+      throw std::invalid_argument("linen::io: Array::from_data of shape " + to_string(shape) + " over null data");
+    std::vector<std::uint8_t> bytes(static_cast<std::size_t>(n) * sizeof(T));
+    for (Index i = 0; i < n; ++i) detail::store_element<T>(bytes.data() + i * static_cast<Index>(sizeof(T)), data[i]);
+    return Array(d, std::move(shape), std::move(bytes));
+  }
+
+  // The array as a rank-N tensor of T. Conversions:
+  //   float <-> float in any direction (F64/F32/F16/BF16), rounding to nearest even;
+  //   integer or bool -> float (throws if the value overflows float16);
+  //   integer -> integer with a range check (throws naming the first value that
+  //   does not fit); bool -> integer as 0/1;
+  //   bool <- BOOL or U8 holding only 0/1.
+  // float -> integer and integer -> bool are refused. A BOOL byte other than 0/1 throws.
+  // Rank must equal N. Errors (io_error) start with `what` (pass the path).
+  template <class T, int N>
+  Tensor<T, N> to(const std::string& what = "array") const {
+    static_assert(N >= 0, "rank must be non-negative");
+    if (rank() != N)
+      throw io_error(what + ": " + describe() + " cannot be read as a rank-" + std::to_string(N) + " " +
+                     dtype_name<T>() + " tensor (ranks differ)");
+    std::array<Index, N> dims{};
+    for (int i = 0; i < N; ++i) dims[static_cast<std::size_t>(i)] = shape_[static_cast<std::size_t>(i)];
+    Tensor<T, N> out;
+    out.resize(dims);
+    convert_into(out.data(), what);
+    return out;
+  }
+
+  // The elements flattened in row-major order, converted to T as in to().
+  template <class T>
+  std::vector<T> to_vector(const std::string& what = "array") const {
+    if constexpr (std::is_same_v<T, bool>) {  // std::vector<bool> has no data()
+      const Tensor<bool, 1> flat = Array(dtype_, {size_}, bytes_).to<bool, 1>(what);
+      return std::vector<bool>(flat.data(), flat.data() + flat.size());
+    } else {
+      std::vector<T> out(static_cast<std::size_t>(size_));
+      convert_into(out.data(), what);
+      return out;
+    }
+  }
+
+  // "float32 array of shape (2, 5, 3)".
+  std::string describe() const { return std::string(numpy_name(dtype_)) + " array of shape " + to_string(shape_); }
+
+  // Same dtype, same shape, same bytes.
+  friend bool operator==(const Array& a, const Array& b) {
+    return a.dtype_ == b.dtype_ && a.shape_ == b.shape_ && a.bytes_ == b.bytes_;
+  }
+  friend bool operator!=(const Array& a, const Array& b) { return !(a == b); }
+
+ private:
+  template <class T>
+  void convert_into(T* dst, const std::string& what) const {
+    (void)dtype_of<T>();  // rejects unsupported T at compile time
+    const std::uint8_t* src = bytes_.data();
+    detail::visit_dtype(dtype_, [&](auto tag) {
+      using S = typename decltype(tag)::type;
+      convert_from<T, S>(src, dst, what);
+    });
+  }
+
+  std::string refuse(const char* to, const std::string& what, const char* why) const {
+    return what + ": cannot read " + describe() + " as " + to + " (" + why + ")";
+  }
+
+  // Reads a BOOL byte, which must be 0 or 1 (also used for U8 -> bool).
+  std::uint8_t checked_bit(const std::uint8_t* p, Index i, const std::string& what) const {
+    if (*p > 1)
+      throw io_error(what + ": " + describe() + " holds byte " + std::to_string(*p) + " at flat index " +
+                     std::to_string(i) + ", not a bool (0 or 1)");
+    return *p;
+  }
+
+  template <class T, class S>
+  void convert_from(const std::uint8_t* src, T* dst, const std::string& what) const {
+    constexpr Index w = static_cast<Index>(sizeof(S));
+    if constexpr (std::is_same_v<T, bool>) {
+      if constexpr (std::is_same_v<S, bool> || std::is_same_v<S, std::uint8_t>) {
+        for (Index i = 0; i < size_; ++i) dst[i] = checked_bit(src + i, i, what) != 0;
+      } else {
+        throw io_error(refuse("bool", what, "only BOOL or uint8 0/1 arrays convert to bool"));
+      }
+    } else if constexpr (detail::is_float_v<T>) {
+      for (Index i = 0; i < size_; ++i) {
+        const std::uint8_t* p = src + i * w;
+        if constexpr (std::is_same_v<S, bool>) {
+          dst[i] = T(checked_bit(p, i, what) ? 1.0f : 0.0f);
+        } else if constexpr (std::is_integral_v<S>) {
+          const S v = detail::load_element<S>(p);
+          dst[i] = static_cast<T>(v);
+          if constexpr (is_half_type_v<T>) {
+            if (!Eigen::numext::isfinite(dst[i]))
+              throw io_error(what + ": " + describe() + " holds " + detail::int_string(v) + " at flat index " +
+                             std::to_string(i) + ", which overflows " + dtype_name<T>());
+          }
+        } else {
+          dst[i] = detail::float_cast<T>(detail::load_element<S>(p));
+        }
+      }
+    } else {
+      static_assert(std::is_integral_v<T>);
+      if constexpr (detail::is_float_v<S>) {
+        throw io_error(refuse(dtype_name<T>(), what, "float -> integer conversion is refused"));
+      } else if constexpr (std::is_same_v<S, bool>) {
+        for (Index i = 0; i < size_; ++i) dst[i] = static_cast<T>(checked_bit(src + i, i, what));
+      } else {
+        for (Index i = 0; i < size_; ++i) {
+          const S v = detail::load_element<S>(src + i * w);
+          if constexpr (!std::is_same_v<S, T>) {
+            if (!detail::int_fits<T>(v))
+              throw io_error(what + ": " + describe() + " holds " + detail::int_string(v) + " at flat index " +
+                             std::to_string(i) + ", which does not fit in " + dtype_name<T>());
+          }
+          dst[i] = static_cast<T>(v);
+        }
+      }
+    }
+  }
+
+  DType dtype_;
+  Shape shape_;
+  Index size_ = 0;
+  std::vector<std::uint8_t> bytes_;
+};
+
+// A flat tree of variables keyed by Flax path joined with '/': "params/query/kernel",
+// "cache/cache_index". Ordered (std::map), so iteration and saving are deterministic.
+// A path is non-empty, has no empty component (no leading, trailing or doubled '/'),
+// and is not "__metadata__" (reserved by safetensors).
+class Variables {
+ public:
+  using map_type = std::map<std::string, Array>;
+  using const_iterator = map_type::const_iterator;
+
+  // Free-form string metadata (safetensors `__metadata__`).
+  std::map<std::string, std::string> metadata;
+
+  bool contains(const std::string& path) const { return tensors_.count(path) != 0; }
+
+  // The array at `path`; io_error "missing tensor 'params/query/kernel'" (with the
+  // nearest stored paths) if there is none.
+  const Array& at(const std::string& path) const {
+    auto it = tensors_.find(path);
+    if (it == tensors_.end()) throw io_error("missing tensor '" + path + "'" + nearest_hint(path));
+    return it->second;
+  }
+
+  // The array at `path` as a rank-N tensor of T (conversions as Array::to).
+  template <class T, int N>
+  Tensor<T, N> get(const std::string& path) const {
+    return at(path).template to<T, N>(path);
+  }
+
+  // Same, and its shape must equal `expected` (rank N), else io_error
+  // "params/query/kernel: shape (16, 4, 4) expected, file has (16, 4, 2)".
+  template <class T, int N>
+  Tensor<T, N> get(const std::string& path, const Shape& expected) const {
+    if (expected.size() != static_cast<std::size_t>(N))
+      throw std::invalid_argument("linen::io: get<T, " + std::to_string(N) + ">('" + path +
+                                  "') called with an expected shape of rank " + std::to_string(expected.size()) + ": " +
+                                  to_string(expected));
+    const Array& a = at(path);
+    if (a.shape() != expected)
+      throw io_error(path + ": shape " + to_string(expected) + " expected, file has " + to_string(a.shape()));
+    return a.template to<T, N>(path);
+  }
+
+  // Stores `a` at `path`, replacing any array there. Throws std::invalid_argument on
+  // an invalid path.
+  void set(const std::string& path, Array a) {
+    if (auto why = path_error(path))
+      throw std::invalid_argument("linen::io: invalid variable path '" + path + "': " + *why);
+    tensors_.insert_or_assign(path, std::move(a));
+  }
+
+  // Stores a copy of tensor `t` (dtype dtype_of<T>()) at `path`.
+  template <class T, int N>
+  void set(const std::string& path, const Tensor<T, N>& t) {
+    set(path, Array::from(t));
+  }
+
+  // Removes `path`; false if it was absent.
+  bool erase(const std::string& path) { return tensors_.erase(path) != 0; }
+
+  // Everything under "prefix/", with the prefix stripped ("" = everything; a trailing
+  // '/' on prefix is ignored). Metadata is copied. Throws io_error naming the prefix
+  // if nothing is under it.
+  Variables subtree(const std::string& prefix) const {
+    if (prefix.empty()) return *this;
+    std::string p = prefix;
+    if (p.back() != '/') p += '/';
+    Variables out;
+    out.metadata = metadata;
+    for (auto it = tensors_.lower_bound(p); it != tensors_.end() && it->first.compare(0, p.size(), p) == 0; ++it)
+      out.tensors_.emplace(it->first.substr(p.size()), it->second);
+    if (out.tensors_.empty()) throw io_error("no tensor under '" + p + "'" + nearest_hint(p));
+    return out;
+  }
+
+  // Inserts every array of `v` at "prefix/<its path>" ("" = at its own path),
+  // replacing arrays already there. Metadata is not merged.
+  void merge(const std::string& prefix, const Variables& v) {
+    if (prefix.empty()) {
+      for (const auto& [k, a] : v.tensors_) tensors_.insert_or_assign(k, a);
+      return;
+    }
+    std::string p = prefix;
+    if (p.back() == '/') p.pop_back();
+    if (auto why = path_error(p))
+      throw std::invalid_argument("linen::io: invalid merge prefix '" + prefix + "': " + *why);
+    for (const auto& [k, a] : v.tensors_) tensors_.insert_or_assign(p + "/" + k, a);
+  }
+
+  // All paths, sorted.
+  std::vector<std::string> paths() const {
+    std::vector<std::string> out;
+    out.reserve(tensors_.size());
+    for (const auto& kv : tensors_) out.push_back(kv.first);
+    return out;
+  }
+  std::size_t size() const { return tensors_.size(); }
+  bool empty() const { return tensors_.empty(); }
+
+  // (path, Array) pairs in path order.
+  const_iterator begin() const { return tensors_.begin(); }
+  const_iterator end() const { return tensors_.end(); }
+
+  // Same arrays at the same paths and same metadata.
+  friend bool operator==(const Variables& a, const Variables& b) {
+    return a.tensors_ == b.tensors_ && a.metadata == b.metadata;
+  }
+  friend bool operator!=(const Variables& a, const Variables& b) { return !(a == b); }
+
+  // Why `path` is not a valid variable path, or nullopt if it is.
+  static std::optional<std::string> path_error(const std::string& path) {
+    if (path.empty()) return "empty path";
+    if (path == "__metadata__") return "'__metadata__' is reserved by safetensors";
+    if (path.front() == '/' || path.back() == '/' || path.find("//") != std::string::npos)
+      return "empty path component";
+    return std::nullopt;
+  }
+
+ private:
+  // " (nearest: 'a', 'b')": up to 4 stored paths sharing the longest prefix with `path`.
+  std::string nearest_hint(const std::string& path) const {
+    if (tensors_.empty()) return " (no tensors stored)";
+    std::vector<std::pair<std::size_t, const std::string*>> scored;
+    scored.reserve(tensors_.size());
+    for (const auto& kv : tensors_) {
+      const std::string& k = kv.first;
+      const auto m = std::mismatch(
+          path.begin(), path.begin() + static_cast<std::ptrdiff_t>(std::min(path.size(), k.size())), k.begin());
+      scored.emplace_back(static_cast<std::size_t>(m.first - path.begin()), &k);
+    }
+    std::stable_sort(scored.begin(), scored.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    std::string s = " (" + std::to_string(tensors_.size()) + " stored; nearest: ";
+    for (std::size_t i = 0; i < scored.size() && i < 4; ++i) s += (i ? ", '" : "'") + *scored[i].second + "'";
+    return s + ")";
+  }
+
+  map_type tensors_;
+};
+
+}  // namespace linen::io
+
+#endif  // LINEN_IO_VARIABLES_HPP
