@@ -721,33 +721,6 @@ inline void write_node(msgpack_writer& w, const msgpack_node& node, std::size_t 
   }
 }
 
-// Reads a whole file; io_error names the file on failure.
-inline std::vector<std::uint8_t> read_file_bytes(const std::string& file) {
-  std::error_code ec;
-  const auto status = std::filesystem::status(file, ec);
-  if (ec || !std::filesystem::exists(status))
-    throw io_error(file + ": cannot open for reading: " + (ec ? ec.message() : std::string("no such file")));
-  if (!std::filesystem::is_regular_file(status)) throw io_error(file + ": not a regular file");
-  const auto len = std::filesystem::file_size(file, ec);
-  if (ec) throw io_error(file + ": cannot determine the file size: " + ec.message());
-  if (len > static_cast<std::uintmax_t>(std::numeric_limits<std::streamsize>::max()))
-    throw io_error(file + ": file too large (" + std::to_string(len) + " bytes)");
-  std::ifstream in(file, std::ios::binary);
-  if (!in) throw io_error(file + ": cannot open for reading: " + std::strerror(errno));
-  std::vector<std::uint8_t> bytes(static_cast<std::size_t>(len));
-  if (len > 0 && !in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(len)))
-    throw io_error(file + ": cannot read " + std::to_string(len) + " bytes");
-  return bytes;
-}
-
-inline void write_file_bytes(const std::string& file, const std::vector<std::uint8_t>& bytes) {
-  std::ofstream out(file, std::ios::binary | std::ios::trunc);
-  if (!out) throw io_error(file + ": cannot open for writing: " + std::strerror(errno));
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-  out.close();
-  if (!out) throw io_error(file + ": write failed");
-}
-
 }  // namespace detail
 
 // Reads the Flax msgpack image (flax.serialization.to_bytes) of `size` bytes at

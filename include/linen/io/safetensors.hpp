@@ -166,6 +166,33 @@ inline safetensors_entry parse_safetensors_entry(const std::string& key, const n
   return {key, *dtype, std::move(shape), off[0], off[1]};
 }
 
+// Reads a whole file; io_error names the file on failure.
+inline std::vector<std::uint8_t> read_file_bytes(const std::string& file) {
+  std::error_code ec;
+  const auto status = std::filesystem::status(file, ec);
+  if (ec || !std::filesystem::exists(status))
+    throw io_error(file + ": cannot open for reading: " + (ec ? ec.message() : std::string("no such file")));
+  if (!std::filesystem::is_regular_file(status)) throw io_error(file + ": not a regular file");
+  const auto len = std::filesystem::file_size(file, ec);
+  if (ec) throw io_error(file + ": cannot determine the file size: " + ec.message());
+  if (len > static_cast<std::uintmax_t>(std::numeric_limits<std::streamsize>::max()))
+    throw io_error(file + ": file too large (" + std::to_string(len) + " bytes)");
+  std::ifstream in(file, std::ios::binary);
+  if (!in) throw io_error(file + ": cannot open for reading: " + std::strerror(errno));
+  std::vector<std::uint8_t> bytes(static_cast<std::size_t>(len));
+  if (len > 0 && !in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(len)))
+    throw io_error(file + ": cannot read " + std::to_string(len) + " bytes");
+  return bytes;
+}
+
+inline void write_file_bytes(const std::string& file, const std::vector<std::uint8_t>& bytes) {
+  std::ofstream out(file, std::ios::binary | std::ios::trunc);
+  if (!out) throw io_error(file + ": cannot open for writing: " + std::strerror(errno));
+  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  out.close();
+  if (!out) throw io_error(file + ": write failed");
+}
+
 }  // namespace detail
 
 // Reads a safetensors image of `size` bytes at `data`. `name` (the file name) starts
@@ -248,20 +275,7 @@ inline Variables parse_safetensors(const std::uint8_t* data, std::size_t size, c
 // Reads the safetensors file `file`; io_error names the file on any fault
 // (cannot open or read, or any malformation listed at parse_safetensors).
 inline Variables load_safetensors(const std::string& file) {
-  std::error_code ec;
-  const auto status = std::filesystem::status(file, ec);
-  if (ec || !std::filesystem::exists(status))
-    throw io_error(file + ": cannot open for reading: " + (ec ? ec.message() : std::string("no such file")));
-  if (!std::filesystem::is_regular_file(status)) throw io_error(file + ": not a regular file");
-  const auto len = std::filesystem::file_size(file, ec);
-  if (ec) throw io_error(file + ": cannot determine the file size: " + ec.message());
-  if (len > static_cast<std::uintmax_t>(std::numeric_limits<std::streamsize>::max()))
-    throw io_error(file + ": file too large (" + std::to_string(len) + " bytes)");
-  std::ifstream in(file, std::ios::binary);
-  if (!in) throw io_error(file + ": cannot open for reading: " + std::strerror(errno));
-  std::vector<std::uint8_t> bytes(static_cast<std::size_t>(len));
-  if (len > 0 && !in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(len)))
-    throw io_error(file + ": cannot read " + std::to_string(len) + " bytes");
+  const auto bytes = detail::read_file_bytes(file);
   return parse_safetensors(bytes.data(), bytes.size(), file);
 }
 
@@ -300,12 +314,7 @@ inline std::vector<std::uint8_t> to_safetensors(const Variables& v) {
 
 // Writes to_safetensors(v) to `file` (replacing it); io_error names the file on failure.
 inline void save_safetensors(const std::string& file, const Variables& v) {
-  const auto bytes = to_safetensors(v);
-  std::ofstream out(file, std::ios::binary | std::ios::trunc);
-  if (!out) throw io_error(file + ": cannot open for writing: " + std::strerror(errno));
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-  out.close();
-  if (!out) throw io_error(file + ": write failed");
+  detail::write_file_bytes(file, to_safetensors(v));
 }
 
 }  // namespace linen::io
