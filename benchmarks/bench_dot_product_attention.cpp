@@ -5,9 +5,9 @@
 //   BM_dot_product_attention_causal/B:1/L:2048/H:8/D:64  with make_causal_mask
 // The GFLOP/s counter uses the dense count 4*B*L^2*H*D (Q K^T and weights x V,
 // 2 flops per multiply-add each; the softmax is not counted). The causal row
-// uses the same dense count: like Flax, linen computes every logit and masks
-// the upper triangle, so the work is the same. Compare these rows with the
-// reference rows of bench_reference.cpp from the same run.
+// uses the same dense count, so its rate over the dense row's is the speedup of
+// the fused kernel skipping the key tiles the mask hides. Compare these rows with
+// the reference rows of bench_reference.cpp from the same run.
 #include <array>
 #include <random>
 

@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include <Eigen/Core>
 
@@ -19,6 +20,15 @@
 #include "tensor.hpp"
 
 namespace linen {
+namespace detail {
+// Scratch for DenseGeneral::apply_rows with half types (the promoted copies of x, the
+// kernel and the product); reused, it lets repeated calls of one size run without
+// allocating.
+template <class C>
+struct DenseScratch {
+  std::vector<C> x, kernel, acc;
+};
+}  // namespace detail
 
 // Parameters of one DenseGeneral, named as Flax names them.
 //   kernel: [in_dims..., features...]   (query: [in, heads, head_dim]; out: [heads, head_dim, out])
@@ -40,6 +50,7 @@ class DenseGeneral {
 
  public:
   using Params = DenseParams<ParamT, Axes, Features>;
+  static constexpr int kAxes = Axes, kFeatures = Features;
 
   struct Config {
     std::array<Index, Features> features{};
@@ -111,25 +122,52 @@ class DenseGeneral {
   // The same over raw row-major memory: x of shape xs, y of [batch..., features...].
   template <class I>
   void apply_raw(const Params& p, const I* x, const Shape& xs, T* y) const {
+    Index in = 1;
+    for (int i = 0; i < Axes; ++i) in *= xs[xs.size() - Axes + i];
+    apply_rows<I>(p, config_.use_bias, x, in ? num_elements(xs) / in : 0, y);
+  }
+
+  // The core of apply_raw: y[m, out] = x[m, in] . kernel[in, out] (+ bias), with in and
+  // out the products of the kernel's input and feature dims (the caller has checked the
+  // parameters). float/double with matching types multiply in place and allocate nothing
+  // beyond Eigen's product; other types promote into `scratch` (local when null).
+  template <class I>
+  // by_row: one matrix-vector product per row (what a decode step does: Eigen's
+  // matrix-matrix product may allocate its blocking buffers, its vector product does not).
+  static void apply_rows(const Params& p, bool use_bias, const I* x, Index m, T* y,
+                         detail::DenseScratch<accum_t<T>>* scratch = nullptr, bool by_row = false) {
     using C = accum_t<T>;
     using RM = Eigen::Matrix<C, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     Index in = 1, out = 1;
-    for (int i = 0; i < Axes; ++i) in *= xs[xs.size() - Axes + i];
-    for (Index f : config_.features) out *= f;
-    const Index m = in ? num_elements(xs) / in : 0;
+    for (int i = 0; i < Axes; ++i) in *= p.kernel.dimension(i);
+    for (int i = Axes; i < Axes + Features; ++i) out *= p.kernel.dimension(i);
     Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> ym(y, m, out);
     if constexpr (std::is_same_v<I, T> && std::is_same_v<ParamT, T> && std::is_same_v<C, T>) {
       // float/double with matching types: multiply in place, no copies.
+      (void)scratch;
       Eigen::Map<const RM> xm(x, m, in), km(p.kernel.data(), in, out);
-      ym.noalias() = xm * km;
-      if (config_.use_bias) ym.rowwise() += Eigen::Map<const Eigen::Matrix<C, 1, Eigen::Dynamic>>(p.bias.data(), out);
+      if (by_row) {
+        for (Index r = 0; r < m; ++r) ym.row(r).noalias() = xm.row(r) * km;
+      } else {
+        ym.noalias() = xm * km;
+      }
+      if (use_bias) ym.rowwise() += Eigen::Map<const Eigen::Matrix<C, 1, Eigen::Dynamic>>(p.bias.data(), out);
     } else {
       // Flax's promote_dtype: cast inputs and params to T, then compute.
-      RM xm(m, in), km(in, out);
+      detail::DenseScratch<C> local;
+      detail::DenseScratch<C>& s = scratch ? *scratch : local;
+      s.x.resize(static_cast<std::size_t>(m * in));
+      s.kernel.resize(static_cast<std::size_t>(in * out));
+      s.acc.resize(static_cast<std::size_t>(m * out));
+      Eigen::Map<RM> xm(s.x.data(), m, in), km(s.kernel.data(), in, out), acc(s.acc.data(), m, out);
       for (Index i = 0; i < m * in; ++i) xm.data()[i] = static_cast<C>(static_cast<T>(x[i]));
       for (Index i = 0; i < in * out; ++i) km.data()[i] = static_cast<C>(static_cast<T>(p.kernel.data()[i]));
-      RM acc = xm * km;
-      if (config_.use_bias) {
+      if (by_row) {
+        for (Index r = 0; r < m; ++r) acc.row(r).noalias() = xm.row(r) * km;
+      } else {
+        acc.noalias() = xm * km;
+      }
+      if (use_bias) {
         for (Index r = 0; r < m; ++r)
           for (Index c = 0; c < out; ++c)
             ym(r, c) = static_cast<T>(static_cast<C>(static_cast<T>(acc(r, c))) +

@@ -7,6 +7,12 @@
 // product, the bias is added, masked entries become finfo(dtype).min (so a fully masked
 // row averages the values rather than giving NaN), softmax runs over kv (in float32 when
 // force_fp32_for_softmax is set for half types), and dropout multiplies by keep/keep_prob.
+//
+// Two implementations compute dot_product_attention: the reference (materialises the
+// [q_length, kv_length] weights of one head at a time, Flax's rounding points to the
+// letter; always used by dot_product_attention_weights and when sowing weights) and the
+// fused kernel of detail/fused_attention.hpp (tiled online softmax, O(L) memory,
+// threads, causal tile skipping), chosen by AttentionOptions::implementation.
 #ifndef LINEN_DOT_PRODUCT_ATTENTION_HPP
 #define LINEN_DOT_PRODUCT_ATTENTION_HPP
 
@@ -22,7 +28,10 @@
 
 #include <Eigen/Core>
 
+#include <unsupported/Eigen/CXX11/ThreadPool>
+
 #include "detail/broadcast.hpp"
+#include "detail/fused_attention.hpp"
 #include "dropout_rng.hpp"
 #include "tensor.hpp"
 
@@ -32,6 +41,15 @@ namespace linen {
 // precision setting, and so does linen; half types always accumulate in float32. The field
 // is kept so that a Flax configuration ports unchanged.
 enum class Precision { Default, High, Highest };
+
+// Which code computes dot_product_attention.
+//   Auto:      Fused, unless sow_weights is set (sowing needs the weights: Reference).
+//   Reference: the weights of one head at a time, Flax's maths step by step.
+//   Fused:     the tiled kernel: never more than a tile of weights, O(L) memory, threads
+//              (thread_pool), causal tiles skipped. Equal to Reference within rounding:
+//              its weights stay in the accumulation type (float for half types) as with
+//              force_fp32_for_softmax. Cannot sow weights.
+enum class Implementation { Auto, Reference, Fused };
 
 // The keyword arguments of flax.linen.dot_product_attention, with Flax's defaults.
 // `bias` and `mask` are views (ArrayRef) and must outlive the call; default = None.
@@ -54,6 +72,18 @@ struct AttentionOptions {
   // Flax's `module=` sowing: when set, called once with the attention weights
   // [batch..., num_heads, q_length, kv_length] after softmax and before dropout.
   std::function<void(ArrayRef<T> weights)> sow_weights{};
+  // linen's additions (not Flax arguments); the defaults change nothing.
+  Implementation implementation = Implementation::Auto;
+  // A causal mask given as a flag: key j is visible to query i only if j <= i (the pattern
+  // of make_causal_mask, extended to q_length != kv_length), applied in addition to `mask`.
+  // Equivalent to passing make_causal_mask's mask, but the fused kernel then skips the key
+  // tiles above the diagonal instead of computing and masking them.
+  bool is_causal = false;
+  // Threads for the fused kernel: its work items (batch, head, query tile) run on
+  // thread_pool->NumThreads() threads, the calling thread being one of them. null = the
+  // calling thread only; linen never starts threads of its own. Must outlive the call.
+  // The reference implementation ignores it.
+  Eigen::ThreadPoolInterface* thread_pool = nullptr;
 };
 
 namespace detail {
@@ -171,6 +201,30 @@ void check_dropout(const AttentionOptions<T>& o, const char* fn) {
                                 std::to_string(o.dropout_rate));
 }
 
+// Flax's dropout keep mask for the weights [batch..., H, Lq, Lk]: drawn from o.dropout_rng
+// with Flax's shape ([1..., Lq, Lk] when broadcast_dropout, else the weights' shape) into
+// `keep` (bytes 0/1). Returns false (and leaves `keep` empty) when dropout is off.
+template <class T>
+bool draw_keep_mask(const AttentionDims& d, const AttentionOptions<T>& o, std::vector<char>& keep,
+                    const std::string& f) {
+  if (o.deterministic || !(o.dropout_rate > 0.0)) return false;
+  if (!o.dropout_rng)
+    throw std::invalid_argument(f + ": dropout_rate=" + std::to_string(o.dropout_rate) +
+                                " with deterministic=false needs a dropout_rng");
+  const Shape w = d.weights_shape();
+  Shape keep_shape;
+  if (o.broadcast_dropout) {
+    keep_shape.assign(w.size() - 2, 1);  // Flax: [1] * (key.ndim - 2) + [q, kv]
+    keep_shape.push_back(d.Lq);
+    keep_shape.push_back(d.Lk);
+  } else {
+    keep_shape = w;
+  }
+  keep.assign(static_cast<std::size_t>(num_elements(keep_shape)), 0);  // vector<bool> has no data()
+  o.dropout_rng(1.0 - o.dropout_rate, keep_shape, reinterpret_cast<bool*>(keep.data()));
+  return true;
+}
+
 // The heart of the reference path. Computes, for every (batch, head), the attention
 // weights (after dropout) into `weights` ([B, H, Lq, Lk], may be null) and, when `value`
 // is given, the output [B, Lq, H, Dv] into `out`. All pointers are row-major in Flax's
@@ -186,30 +240,19 @@ void attention_reference(const AttentionDims& d, const T* query, const T* key, c
   using StridedOut = Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
                                 Eigen::OuterStride<>>;
   check_dropout(o, fn);
+  // An empty tensor may have no storage: offsets into it must not be taken from null.
+  static const T none{};
+  if (!query) query = &none;
+  if (!key) key = &none;
+  if (!value && out) value = &none;
 
   const std::string f = fn;
   const Broadcast<T> bias(o.bias, d, (f + ": bias").c_str());
   const Broadcast<bool> mask(o.mask, d, (f + ": mask").c_str());
 
-  const bool dropout = !o.deterministic && o.dropout_rate > 0.0;
+  std::vector<char> keep_storage;
+  const bool dropout = draw_keep_mask(d, o, keep_storage, f);
   const double keep_prob = 1.0 - o.dropout_rate;
-  std::vector<char> keep_storage;  // vector<bool> has no data(); draw into bytes
-  Shape keep_shape;
-  if (dropout) {
-    if (!o.dropout_rng)
-      throw std::invalid_argument(f + ": dropout_rate=" + std::to_string(o.dropout_rate) +
-                                  " with deterministic=false needs a dropout_rng");
-    const Shape w = d.weights_shape();
-    if (o.broadcast_dropout) {
-      keep_shape.assign(w.size() - 2, 1);  // Flax: [1] * (key.ndim - 2) + [q, kv]
-      keep_shape.push_back(d.Lq);
-      keep_shape.push_back(d.Lk);
-    } else {
-      keep_shape = w;
-    }
-    keep_storage.assign(static_cast<std::size_t>(num_elements(keep_shape)), 0);
-    o.dropout_rng(keep_prob, keep_shape, reinterpret_cast<bool*>(keep_storage.data()));
-  }
   const bool* keep = reinterpret_cast<const bool*>(keep_storage.data());
   // Flax: keep.astype(dtype) / jnp.asarray(keep_prob, dtype).
   const C multiplier = static_cast<C>(static_cast<T>(1) / static_cast<T>(keep_prob));
@@ -247,6 +290,8 @@ void attention_reference(const AttentionDims& d, const T* query, const T* key, c
           for (Index j = 0; j < d.Lk; ++j)
             if (!mr[j * mask.sk]) row[j] = lowest;
         }
+        if (o.is_causal)
+          for (Index j = i + 1; j < d.Lk; ++j) row[j] = lowest;
         // softmax over kv: exp(x - max) / sum. A fully masked row has max = lowest,
         // so every entry is exp(0) = 1 and the row averages the values (Flax's behaviour).
         C mx = -std::numeric_limits<C>::infinity();
@@ -288,6 +333,67 @@ void attention_reference(const AttentionDims& d, const T* query, const T* key, c
   if (o.sow_weights) o.sow_weights(ArrayRef<T>(sow.data(), d.weights_shape()));
 }
 
+// The fused path: the same validation and the same keep mask (one DropoutRng call with
+// Flax's shape) as the reference, then detail::fused_attention reads Flax's layouts in
+// place. The keep mask is the only O(Lq * Lk) buffer, and only under dropout (one byte
+// per weight: Lq * Lk bytes with broadcast_dropout, B * H * Lq * Lk without).
+// P, MR, NR and `tuning` reach fused_attention's tuning (for tests and benchmarks).
+template <class T, class P = simd::packet_t<accum_t<T>>, int MR = fused::DefaultBlocking<P>::MR,
+          int NR = fused::DefaultBlocking<P>::NR>
+void attention_fused(const AttentionDims& d, const T* query, const T* key, const T* value,
+                     const AttentionOptions<T>& o, T* out, const char* fn, const FusedTuning& tuning = {}) {
+  static_assert(is_element_type_v<T>, "linen: element type must be float, double, Eigen::half or Eigen::bfloat16");
+  using C = accum_t<T>;
+  check_dropout(o, fn);
+  const std::string f = fn;
+  if (o.sow_weights)
+    throw std::invalid_argument(f + ": implementation=Fused cannot sow the attention weights; "
+                                    "use Implementation::Auto or Implementation::Reference");
+  const Broadcast<T> bias(o.bias, d, (f + ": bias").c_str());
+  const Broadcast<bool> mask(o.mask, d, (f + ": mask").c_str());
+  std::vector<char> keep;
+  const bool dropout = draw_keep_mask(d, o, keep, f);
+
+  FusedAttentionArgs<T> a;
+  a.B = d.B;
+  a.H = d.H;
+  a.Lq = d.Lq;
+  a.Lk = d.Lk;
+  a.D = d.D;
+  a.Dv = d.Dv;
+  a.query = query;
+  a.q_sb = d.Lq * d.H * d.D;
+  a.q_sl = d.H * d.D;
+  a.q_sh = d.D;
+  a.key = key;
+  a.k_sb = d.Lk * d.H * d.D;
+  a.k_sl = d.H * d.D;
+  a.k_sh = d.D;
+  a.value = value;
+  a.v_sb = d.Lk * d.H * d.Dv;
+  a.v_sl = d.H * d.Dv;
+  a.v_sh = d.Dv;
+  a.out = out;
+  a.o_sb = d.Lq * d.H * d.Dv;
+  a.o_sl = d.H * d.Dv;
+  a.o_sh = d.Dv;
+  a.query_scale = depth_scale<T>(d.D);
+  if (bias) a.bias = FusedView<T>{bias.data, bias.batch_offset.data(), 0, bias.sh, bias.sq, bias.sk};
+  if (mask) a.mask = FusedView<bool>{mask.data, mask.batch_offset.data(), 0, mask.sh, mask.sq, mask.sk};
+  if (dropout) {
+    const Index plane = d.Lq * d.Lk;
+    const bool bc = o.broadcast_dropout;
+    a.keep = FusedView<bool>{reinterpret_cast<const bool*>(keep.data()), nullptr, bc ? 0 : d.H * plane,
+                             bc ? 0 : plane, d.Lk, 1};
+    // Flax: keep.astype(dtype) / jnp.asarray(keep_prob, dtype).
+    a.keep_scale = static_cast<C>(static_cast<T>(1) / static_cast<T>(1.0 - o.dropout_rate));
+  }
+  a.causal = o.is_causal;
+  a.pool = o.thread_pool;
+  a.tuning = tuning;
+  fused_attention<T, P, MR, NR>(a);
+}
+
 template <class X>
 void require_tensor() {
   static_assert(is_tensor_v<X>,
@@ -301,13 +407,15 @@ void require_tensor() {
 //   key:   [batch..., kv_length, num_heads, qk_depth_per_head]
 //   returns the weights [batch..., num_heads, q_length, kv_length] (after dropout, as Flax).
 // Q and K are linen::Tensor<T, N> or maps of one, N >= 3 (any number of batch dims).
+// Always the reference implementation (it returns the weights): options.is_causal applies,
+// options.implementation and options.thread_pool are ignored.
 // Throws std::invalid_argument naming the shapes when ranks, batch dims, heads or depths
 // differ, or a mask/bias does not broadcast.
 template <class Q, class K>
-Tensor<typename detail::tensor_traits<Q>::scalar, detail::tensor_traits<Q>::rank>
+Tensor<typename detail::signature_traits<Q>::scalar, detail::signature_traits<Q>::rank>
 dot_product_attention_weights(
     const Q& query, const K& key,
-    const AttentionOptions<typename detail::tensor_traits<Q>::scalar>& options = {}) {
+    const AttentionOptions<typename detail::signature_traits<Q>::scalar>& options = {}) {
   detail::require_tensor<Q>();
   detail::require_tensor<K>();
   using T = typename detail::tensor_traits<Q>::scalar;
@@ -328,11 +436,15 @@ dot_product_attention_weights(
 //   key:   [batch..., kv_length, num_heads, qk_depth_per_head]
 //   value: [batch..., kv_length, num_heads, v_depth_per_head]
 //   returns [batch..., q_length, num_heads, v_depth_per_head].
+// options.implementation picks the fused kernel (default, unless sowing) or the reference;
+// options.thread_pool lends the fused kernel threads; options.is_causal adds a causal mask.
+// Throws std::invalid_argument naming the shapes when ranks, batch dims, heads, depths or
+// lengths differ, or a mask/bias does not broadcast; and when Fused is asked to sow.
 template <class Q, class K, class V>
-Tensor<typename detail::tensor_traits<Q>::scalar, detail::tensor_traits<Q>::rank>
+Tensor<typename detail::signature_traits<Q>::scalar, detail::signature_traits<Q>::rank>
 dot_product_attention(
     const Q& query, const K& key, const V& value,
-    const AttentionOptions<typename detail::tensor_traits<Q>::scalar>& options = {}) {
+    const AttentionOptions<typename detail::signature_traits<Q>::scalar>& options = {}) {
   detail::require_tensor<Q>();
   detail::require_tensor<K>();
   detail::require_tensor<V>();
@@ -346,9 +458,20 @@ dot_product_attention(
   static_assert(N >= 3, "linen: query must be [batch..., q_length, num_heads, depth]");
   const auto d = detail::check_qkv(shape_of(query), shape_of(key), shape_of(value),
                                    "dot_product_attention");
+  if (options.implementation != Implementation::Auto && options.implementation != Implementation::Reference &&
+      options.implementation != Implementation::Fused)
+    throw std::invalid_argument("dot_product_attention: unknown Implementation " +
+                                std::to_string(static_cast<int>(options.implementation)));
   Tensor<T, N> out(to_dims<N>(d.output_shape()));
-  detail::attention_reference<T>(d, query.data(), key.data(), value.data(), options, out.data(),
-                                 nullptr, "dot_product_attention");
+  const bool fused = options.implementation == Implementation::Fused ||
+                     (options.implementation == Implementation::Auto && !options.sow_weights);
+  if (fused) {
+    detail::attention_fused<T>(d, query.data(), key.data(), value.data(), options, out.data(),
+                               "dot_product_attention");
+  } else {
+    detail::attention_reference<T>(d, query.data(), key.data(), value.data(), options, out.data(),
+                                   nullptr, "dot_product_attention");
+  }
   return out;
 }
 

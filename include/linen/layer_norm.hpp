@@ -79,11 +79,17 @@ class LayerNorm {
   // The same over raw row-major memory; `y` may alias `x` when both are T.
   template <class I>
   void apply_raw(const Params& p, const I* x, const Shape& xs, T* y) const {
-    using S = std::conditional_t<std::is_same_v<T, double> || std::is_same_v<I, double>, double, float>;
     if (xs.empty()) throw std::invalid_argument("LayerNorm: input must have at least one dim");
     const Index f = xs.back();
     check_params(p, f);
-    const Index rows = f ? num_elements(xs) / f : 0;
+    apply_rows(p, x, f ? num_elements(xs) / f : 0, f, y);
+  }
+
+  // The core of apply_raw: `rows` rows of `f` features (the caller has checked the
+  // parameters); allocates nothing.
+  template <class I>
+  void apply_rows(const Params& p, const I* x, Index rows, Index f, T* y) const {
+    using S = std::conditional_t<std::is_same_v<T, double> || std::is_same_v<I, double>, double, float>;
     const S eps = static_cast<S>(config_.epsilon);
     for (Index r = 0; r < rows; ++r) {
       const I* xr = x + r * f;

@@ -97,6 +97,17 @@ struct tensor_traits<Eigen::TensorMap<const Eigen::Tensor<T, N, Eigen::RowMajor,
 template <class X>
 inline constexpr bool is_tensor_v = tensor_traits<X>::value;
 
+// tensor_traits for function signatures: a non-tensor argument gets placeholder traits
+// (float, rank 3), so that the function is still chosen and its static_assert says what
+// is wrong, rather than the compiler reporting that no function matches.
+struct placeholder_tensor_traits {
+  static constexpr bool value = false;
+  using scalar = float;
+  static constexpr int rank = 3;
+};
+template <class X>
+using signature_traits = std::conditional_t<is_tensor_v<X>, tensor_traits<X>, placeholder_tensor_traits>;
+
 }  // namespace detail
 }  // namespace linen
 

@@ -1,0 +1,287 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Internal: the few SIMD operations the fused attention kernel needs, written once over
+// Eigen's packet types (Packet16f/Packet8d under AVX-512, Packet8f/Packet4d under AVX,
+// Packet4f/Packet2d under SSE or NEON, and a plain scalar as the portable fallback), so
+// that one kernel source serves every instruction set Eigen vectorizes for. Eigen's
+// packet primitives (ploadu, pmadd, pmax, ...) are internal but stable across 3.4.x.
+#ifndef LINEN_DETAIL_SIMD_HPP
+#define LINEN_DETAIL_SIMD_HPP
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstddef>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+namespace linen {
+namespace detail {
+namespace simd {
+
+namespace ei = Eigen::internal;
+
+// Lanes of a packet (1 for a plain scalar).
+template <class P>
+inline constexpr int size_v = ei::unpacket_traits<P>::size;
+
+// The element type of a packet.
+template <class P>
+using scalar_t = typename ei::unpacket_traits<P>::type;
+
+// The widest packet Eigen uses for C in this translation unit.
+template <class C>
+using packet_t = typename ei::packet_traits<C>::type;
+
+// Vector registers of the target (16 with AVX2, 32 with AVX-512): sizes the micro-kernels.
+inline constexpr int kRegisters = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS;
+
+template <class P>
+inline constexpr bool is_scalar_v = size_v<P> == 1;
+
+template <class P>
+inline P load(const scalar_t<P>* p) {
+  if constexpr (is_scalar_v<P>) return *p;
+  else return ei::ploadu<P>(p);
+}
+template <class P>
+inline void store(scalar_t<P>* p, const P& x) {
+  if constexpr (is_scalar_v<P>) *p = x;
+  else ei::pstoreu(p, x);
+}
+template <class P>
+inline P set1(scalar_t<P> x) {
+  if constexpr (is_scalar_v<P>) return x;
+  else return ei::pset1<P>(x);
+}
+// a * b + c
+template <class P>
+inline P fmadd(const P& a, const P& b, const P& c) {
+  if constexpr (is_scalar_v<P>) return a * b + c;
+  else return ei::pmadd(a, b, c);
+}
+template <class P>
+inline P add(const P& a, const P& b) {
+  if constexpr (is_scalar_v<P>) return a + b;
+  else return ei::padd(a, b);
+}
+template <class P>
+inline P sub(const P& a, const P& b) {
+  if constexpr (is_scalar_v<P>) return a - b;
+  else return ei::psub(a, b);
+}
+template <class P>
+inline P mul(const P& a, const P& b) {
+  if constexpr (is_scalar_v<P>) return a * b;
+  else return ei::pmul(a, b);
+}
+template <class P>
+inline P div(const P& a, const P& b) {
+  if constexpr (is_scalar_v<P>) return a / b;
+  else return ei::pdiv(a, b);
+}
+// std::max(a, b) lane by lane: `a` when either is NaN, as the reference's row max.
+template <class P>
+inline P max(const P& a, const P& b) {
+  if constexpr (is_scalar_v<P>) return std::max(a, b);
+  else return ei::pmax(a, b);
+}
+// A lane mask (all bits set where true); less_equal(a, b): a <= b lane by lane.
+template <class P>
+struct Mask {
+  P bits;
+};
+template <class P>
+inline Mask<P> less_equal(const P& a, const P& b) {
+  if constexpr (is_scalar_v<P>) {
+    return {a <= b ? P(1) : P(0)};
+  } else {
+    return {ei::pcmp_le(a, b)};
+  }
+}
+// Lanes of `a` where `m` holds, else lanes of `b`.
+template <class P>
+inline P select(const Mask<P>& m, const P& a, const P& b) {
+  if constexpr (is_scalar_v<P>) return m.bits != P(0) ? a : b;
+  else return ei::pselect(m.bits, a, b);
+}
+// [x, x + 1, ..., x + size - 1]
+template <class P>
+inline P iota(scalar_t<P> x) {
+  if constexpr (is_scalar_v<P>) return x;
+  else return ei::plset<P>(x);
+}
+// A hint to bring the `bytes` at p into the cache (no effect where unsupported).
+inline void prefetch(const void* p, std::ptrdiff_t bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+  const char* c = static_cast<const char*>(p);
+  for (std::ptrdiff_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+// dst[i * ds + j] = src[j * ss + i] for i, j < size_v<P>: a square block transposed in
+// registers.
+template <class P>
+inline void transpose(const scalar_t<P>* src, std::ptrdiff_t ss, scalar_t<P>* dst, std::ptrdiff_t ds) {
+  if constexpr (is_scalar_v<P>) {
+    (void)ss;
+    (void)ds;
+    *dst = *src;
+  } else {
+    ei::PacketBlock<P, size_v<P>> block;
+    for (int j = 0; j < size_v<P>; ++j) block.packet[j] = ei::ploadu<P>(src + j * ss);
+    ei::ptranspose(block);
+    for (int i = 0; i < size_v<P>; ++i) ei::pstoreu(dst + i * ds, block.packet[i]);
+  }
+}
+
+// --- exp on x <= 0 (or NaN), as softmax needs it: exp(s - max) ---------------------------
+
+template <class P, class = void>
+struct has_integer_packet : std::false_type {};
+template <class P>
+struct has_integer_packet<P, std::void_t<decltype(sizeof(typename ei::unpacket_traits<P>::integer_packet))>>
+    : std::true_type {};
+
+// exp(x) for x <= 0: 0 below the smallest normal result (an absolute error below 1.2e-38
+// in float), NaN for NaN, and within 2 ulp elsewhere. For float packets: Cody-Waite range
+// reduction x = n ln2 + r, |r| <= ln2/2, Cephes' degree-6 polynomial for exp(r), and 2^n
+// assembled in the exponent bits; about 14 instructions. Other packets use Eigen's pexp.
+template <class P>
+inline P exp_nonpositive(const P& x) {
+  using C = scalar_t<P>;
+  if constexpr (is_scalar_v<P>) {
+    return std::exp(x);
+  } else if constexpr (std::is_same_v<C, float> && has_integer_packet<P>::value) {
+    using PI = typename ei::unpacket_traits<P>::integer_packet;
+    const P cutoff = ei::pset1<P>(-87.0f);   // exp(-87) = 1.6e-38 > FLT_MIN: 2^n stays normal
+    const P xc = ei::pmax(x, cutoff);         // NaN stays NaN (pmax keeps its first operand)
+    // n = round(x / ln2) with the 1.5 * 2^23 trick: the sum's low mantissa bits hold n.
+    const P magic = ei::pset1<P>(12582912.0f);
+    const P t = ei::pmadd(xc, ei::pset1<P>(1.44269504088896341f), magic);
+    const P n = ei::psub(t, magic);
+    P r = ei::pmadd(n, ei::pset1<P>(-0.693359375f), xc);  // ln2 split in two (Cephes)
+    r = ei::pmadd(n, ei::pset1<P>(2.12194440e-4f), r);
+    const P r2 = ei::pmul(r, r);
+    P y = ei::pmadd(ei::pset1<P>(1.9875691500e-4f), r, ei::pset1<P>(1.3981999507e-3f));
+    P y1 = ei::pmadd(ei::pset1<P>(4.1665795894e-2f), r, ei::pset1<P>(1.6666665459e-1f));
+    y = ei::pmadd(y, r, ei::pset1<P>(8.3334519073e-3f));
+    y1 = ei::pmadd(y1, r, ei::pset1<P>(5.0000001201e-1f));
+    y = ei::pmadd(y, ei::pmul(r2, r), y1);
+    y = ei::pmadd(y, r2, ei::padd(r, ei::pset1<P>(1.0f)));
+    // 2^n: (n + 127) << 23, with n read from t's bits (t = 0x4B400000 + n).
+    const PI bits = ei::padd(ei::preinterpret<PI>(t), ei::pset1<PI>(127 - 0x4B400000));
+    const P scale = ei::preinterpret<P>(ei::plogical_shift_left<23>(bits));
+    return ei::pselect(ei::pcmp_lt(x, cutoff), ei::pzero(x), ei::pmul(y, scale));
+  } else {
+    // Eigen's own exp (double, or packets without an integer twin); fix up the tails.
+    const P y = ei::pexp(x);
+    const P lo = ei::pset1<P>(C(std::is_same_v<C, float> ? -87.0 : -708.0));
+    const P nan_or_y = ei::pselect(ei::pcmp_eq(x, x), y, x);
+    return ei::pselect(ei::pcmp_lt(x, lo), ei::pzero(x), nan_or_y);
+  }
+}
+
+// --- element-type conversions ----------------------------------------------------------
+
+// P is Eigen's float packet of `lanes` lanes (Packet8f under AVX, Packet16f under AVX-512).
+// (Compared by traits: naming __m256 as a template argument draws -Wignored-attributes.)
+template <class P, int lanes>
+inline constexpr bool is_float_packet_of = std::is_same_v<scalar_t<P>, float> && size_v<P> == lanes;
+
+// float(T(x)): x rounded to the storage type T (round to nearest even), lane by lane; the
+// identity when T is the packet's own type.
+template <class T, class P>
+inline P round_to(const P& x) {
+  using C = scalar_t<P>;
+  if constexpr (std::is_same_v<T, C>) {
+    return x;
+  } else if constexpr (is_scalar_v<P>) {
+    return static_cast<C>(static_cast<T>(x));
+#if defined(EIGEN_VECTORIZE_AVX512)
+  } else if constexpr (is_float_packet_of<P, 16> && std::is_same_v<T, Eigen::half>) {
+    return ei::half2float(ei::float2half(x));
+  } else if constexpr (is_float_packet_of<P, 16> && std::is_same_v<T, Eigen::bfloat16>) {
+    return ei::Bf16ToF32(ei::F32ToBf16(x));
+#endif
+#if defined(EIGEN_VECTORIZE_AVX)
+  } else if constexpr (is_float_packet_of<P, 8> && std::is_same_v<T, Eigen::half>) {
+    return ei::half2float(ei::float2half(x));
+  } else if constexpr (is_float_packet_of<P, 8> && std::is_same_v<T, Eigen::bfloat16>) {
+    return ei::Bf16ToF32(ei::F32ToBf16(x));
+#endif
+  } else {
+    alignas(64) C t[size_v<P>];
+    ei::pstoreu(t, x);
+    for (int i = 0; i < size_v<P>; ++i) t[i] = static_cast<C>(static_cast<T>(t[i]));
+    return ei::ploadu<P>(t);
+  }
+}
+
+// size_v<P> elements of T at p, widened to the packet's type (exact).
+template <class P, class T>
+inline P load_as(const T* p) {
+  using C = scalar_t<P>;
+  if constexpr (std::is_same_v<T, C>) {
+    return load<P>(p);
+  } else if constexpr (is_scalar_v<P>) {
+    return static_cast<C>(*p);
+#if defined(EIGEN_VECTORIZE_AVX512)
+  } else if constexpr (is_float_packet_of<P, 16> && std::is_same_v<T, Eigen::half>) {
+    return ei::half2float(ei::ploadu<ei::Packet16h>(p));
+  } else if constexpr (is_float_packet_of<P, 16> && std::is_same_v<T, Eigen::bfloat16>) {
+    return ei::Bf16ToF32(ei::ploadu<ei::Packet16bf>(p));
+#endif
+#if defined(EIGEN_VECTORIZE_AVX)
+  } else if constexpr (is_float_packet_of<P, 8> && std::is_same_v<T, Eigen::half>) {
+    return ei::half2float(ei::ploadu<ei::Packet8h>(p));
+  } else if constexpr (is_float_packet_of<P, 8> && std::is_same_v<T, Eigen::bfloat16>) {
+    return ei::Bf16ToF32(ei::ploadu<ei::Packet8bf>(p));
+#endif
+  } else {
+    alignas(64) C t[size_v<P>];
+    for (int i = 0; i < size_v<P>; ++i) t[i] = static_cast<C>(p[i]);
+    return ei::ploadu<P>(t);
+  }
+}
+
+// dst[0, n) = C(src[0, n)): half and bfloat16 widened to float (exact), float and double copied.
+template <class C, class T>
+inline void convert(const T* src, C* dst, std::ptrdiff_t n) {
+  if constexpr (std::is_same_v<T, C>) {
+    std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(C));
+  } else if constexpr (std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<C, float>) {
+    // bfloat16 is the top half of a float: a shift the compiler vectorizes.
+    for (std::ptrdiff_t i = 0; i < n; ++i) {
+      std::uint16_t h;
+      std::memcpy(&h, src + i, sizeof h);
+      const std::uint32_t u = static_cast<std::uint32_t>(h) << 16;
+      std::memcpy(dst + i, &u, sizeof u);
+    }
+  } else {
+    std::ptrdiff_t i = 0;
+#if defined(EIGEN_VECTORIZE_AVX512)
+    if constexpr (std::is_same_v<T, Eigen::half> && std::is_same_v<C, float>) {
+      for (; i + 16 <= n; i += 16) ei::pstoreu(dst + i, ei::half2float(ei::ploadu<ei::Packet16h>(src + i)));
+    }
+#endif
+#if defined(EIGEN_VECTORIZE_AVX)
+    if constexpr (std::is_same_v<T, Eigen::half> && std::is_same_v<C, float>) {
+      for (; i + 8 <= n; i += 8) ei::pstoreu(dst + i, ei::half2float(ei::ploadu<ei::Packet8h>(src + i)));
+    }
+#endif
+    for (; i < n; ++i) dst[i] = static_cast<C>(src[i]);
+  }
+}
+
+}  // namespace simd
+}  // namespace detail
+}  // namespace linen
+
+#endif  // LINEN_DETAIL_SIMD_HPP

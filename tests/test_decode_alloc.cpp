@@ -1,0 +1,118 @@
+// SPDX-License-Identifier: Apache-2.0
+// A decode step allocates no heap memory after warm-up (issue 7): every global operator
+// new is counted, and Eigen's own allocator is forbidden (EIGEN_RUNTIME_NO_MALLOC), over
+// many decode_step calls that reuse one DecodeWorkspace, for each element type, with
+// normalize_qk, several batch dims and a mask that must be gathered.
+#define EIGEN_RUNTIME_NO_MALLOC
+#include <atomic>
+#include <cstdlib>
+#include <new>
+#include <random>
+
+#include "test_support.hpp"
+
+namespace {
+std::atomic<long> g_news{0};
+}  // namespace
+
+// The replaceable global allocation functions, counting every call. (GCC's
+// -Wmismatched-new-delete cannot see that these news and deletes pair up.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+void* operator new(std::size_t n) {
+  g_news.fetch_add(1, std::memory_order_relaxed);
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](std::size_t n) {
+  g_news.fetch_add(1, std::memory_order_relaxed);
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void* operator new(std::size_t n, std::align_val_t a) {
+  g_news.fetch_add(1, std::memory_order_relaxed);
+  const std::size_t al = static_cast<std::size_t>(a);
+  if (void* p = std::aligned_alloc(al, (n + al - 1) / al * al)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+
+namespace {
+
+using linen::Index;
+using linen::Shape;
+using linen::Tensor;
+
+// Counts operator new calls and forbids Eigen's allocator while alive.
+class NoAllocation {
+ public:
+  NoAllocation() : start_(g_news.load()) { Eigen::internal::set_is_malloc_allowed(false); }
+  ~NoAllocation() { Eigen::internal::set_is_malloc_allowed(true); }
+  long count() const { return g_news.load() - start_; }
+
+ private:
+  long start_;
+};
+
+template <class T, class P>
+void expect_no_allocation_after_warm_up(Index E, Index H, bool normalize_qk, bool gathered_mask, Index L = 300) {
+  linen::AttentionConfig<T, P> cfg;
+  cfg.num_heads = H;
+  cfg.decode = true;
+  cfg.normalize_qk = normalize_qk;
+  const linen::SelfAttention<T, P> attn(cfg);
+  std::mt19937 g(1);
+  std::normal_distribution<float> d;
+  const Index B0 = 2, B1 = 2;
+  Tensor<T, 4> x(B0, B1, 1, E);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<T>(d(g));
+  const auto vars = attn.init(linen::random::key(0), x);
+  auto cache = attn.init_cache(vars.params, {B0, B1}, L);
+  Tensor<bool, 5> mask(B0, 1, 1, 1, L);  // batch dim 1 broadcast: gathered per step
+  mask.setConstant(true);
+  mask(1, 0, 0, 0, 3) = false;
+  linen::CallOptions<T> call;
+  if (gathered_mask) call.mask = mask;
+  linen::DecodeWorkspace<T> ws;
+  Tensor<T, 4> out(B0, B1, 1, E);
+  attn.decode_step(vars.params, cache, x, out, ws, call);  // warm-up
+  long news = 0;
+  {
+    NoAllocation guard;
+    for (Index i = 1; i < L; ++i) {
+      x(0, 0, 0, i % E) += static_cast<T>(0.25f);
+      attn.decode_step(vars.params, cache, x, out, ws, call);
+    }
+    news = guard.count();
+  }
+  EXPECT_EQ(news, 0) << "operator new calls in " << (L - 1) << " decode steps after warm-up";
+  EXPECT_EQ(cache.cache_index, L);
+  // The counter works: a step through apply allocates (it returns a new tensor).
+  auto fresh = attn.init_cache(vars.params, {B0, B1}, L);
+  const long before = g_news.load();
+  (void)attn.apply(vars.params, fresh, x, call);
+  EXPECT_GT(g_news.load() - before, 0);
+}
+
+TEST(DecodeAllocation, FloatNoneAfterWarmUp) { expect_no_allocation_after_warm_up<float, float>(64, 4, false, false); }
+TEST(DecodeAllocation, FloatNormalizeQkGatheredMask) {
+  expect_no_allocation_after_warm_up<float, float>(64, 4, true, true);
+}
+TEST(DecodeAllocation, FloatWideModelLongCache) {
+  expect_no_allocation_after_warm_up<float, float>(512, 8, false, false, 600);
+}
+TEST(DecodeAllocation, Double) { expect_no_allocation_after_warm_up<double, double>(32, 2, true, true); }
+TEST(DecodeAllocation, Bfloat16WithFloatParams) {
+  expect_no_allocation_after_warm_up<Eigen::bfloat16, float>(64, 4, true, true);
+}
+TEST(DecodeAllocation, HalfWithHalfParams) {
+  expect_no_allocation_after_warm_up<Eigen::half, Eigen::half>(64, 4, false, true);
+}
+
+}  // namespace
