@@ -18,5 +18,6 @@
 #include "dense.hpp"
 #include "layer_norm.hpp"
 #include "attention.hpp"
+#include "grad.hpp"
 
 #endif  // LINEN_LINEN_HPP

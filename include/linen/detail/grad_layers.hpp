@@ -1,0 +1,155 @@
+// SPDX-License-Identifier: Apache-2.0
+// Internal: the backward passes of DenseGeneral and LayerNorm over raw row-major memory,
+// with the forward's promotion rules (Flax's promote_dtype: inputs and parameters cast to
+// the module's dtype T, products accumulated in accum_t<T>; LayerNorm statistics in at
+// least float32).
+#ifndef LINEN_DETAIL_GRAD_LAYERS_HPP
+#define LINEN_DETAIL_GRAD_LAYERS_HPP
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#include "../tensor.hpp"
+#include "grad_attention.hpp"  // RowMat, run_workers, share
+
+namespace linen {
+namespace detail {
+
+// A C matrix view of rows x cols elements of X, read as Flax's promotion reads them
+// (X -> T -> C). No copy when X and C are the same type.
+template <class T, class C, class X>
+Eigen::Map<const RowMat<C>> promoted_view(const X* p, Index rows, Index cols, RowMat<C>& storage) {
+  if constexpr (std::is_same_v<X, C> && std::is_same_v<X, T>) {
+    return Eigen::Map<const RowMat<C>>(p, rows, cols);
+  } else {
+    storage.resize(rows, cols);
+    for (Index i = 0; i < rows * cols; ++i) storage.data()[i] = static_cast<C>(static_cast<T>(p[i]));
+    return Eigen::Map<const RowMat<C>>(storage.data(), rows, cols);
+  }
+}
+
+// The backward of y[M, out] = x[M, in] . kernel[in, out] + bias[out] (DenseGeneral with
+// its contracted dims and feature dims each flattened).
+//   x: the input as the forward used it, already in T; dy: [M, out].
+//   dkernel: [in, out]; dbias: [out] or null (no bias);
+//   dx: [M, in] or null (not wanted); with add_dx the input cotangent is added to dx.
+// Columns of dkernel and rows of dx are shared among the pool's workers.
+template <class T, class P, class I>
+void dense_backward(const T* x, Index M, Index in, Index out, const P* kernel, const T* dy, P* dkernel, P* dbias,
+                    I* dx, Eigen::ThreadPoolInterface* pool, bool add_dx = false) {
+  using C = accum_t<T>;
+  RowMat<C> xs, dys, ks;
+  const auto xm = promoted_view<T, C>(x, M, in, xs);
+  const auto dym = promoted_view<T, C>(dy, M, out, dys);
+  const auto km = promoted_view<T, C>(kernel, in, out, ks);
+  const int workers = static_cast<int>(std::min<Index>(pool_workers(pool), std::max<Index>({out, M, Index(1)})));
+  run_workers(pool, workers, [&](int w) {
+    const auto [c0, c1] = share(out, workers, w);
+    if (c1 > c0) {
+      if constexpr (std::is_same_v<P, C>) {  // straight into the caller's buffer
+        Eigen::Map<RowMat<C>> dk(dkernel, in, out);
+        dk.middleCols(c0, c1 - c0).noalias() = xm.transpose() * dym.middleCols(c0, c1 - c0);
+      } else {
+        const RowMat<C> g = xm.transpose() * dym.middleCols(c0, c1 - c0);
+        for (Index i = 0; i < in; ++i)
+          for (Index c = c0; c < c1; ++c) dkernel[i * out + c] = static_cast<P>(g(i, c - c0));
+      }
+      if (dbias) {
+        const Eigen::Matrix<C, 1, Eigen::Dynamic> sb = dym.middleCols(c0, c1 - c0).colwise().sum();
+        for (Index c = c0; c < c1; ++c) dbias[c] = static_cast<P>(sb(c - c0));
+      }
+    }
+    if (dx) {
+      const auto [r0, r1] = share(M, workers, w);
+      if (r1 > r0) {
+        if constexpr (std::is_same_v<I, C>) {
+          Eigen::Map<RowMat<C>> dxm(dx, M, in);
+          if (add_dx) dxm.middleRows(r0, r1 - r0).noalias() += dym.middleRows(r0, r1 - r0) * km.transpose();
+          else dxm.middleRows(r0, r1 - r0).noalias() = dym.middleRows(r0, r1 - r0) * km.transpose();
+        } else {
+          const RowMat<C> g = dym.middleRows(r0, r1 - r0) * km.transpose();
+          for (Index r = r0; r < r1; ++r)
+            for (Index i = 0; i < in; ++i)
+              dx[r * in + i] = static_cast<I>(add_dx ? static_cast<C>(dx[r * in + i]) + g(r - r0, i) : g(r - r0, i));
+        }
+      }
+    }
+  });
+}
+
+// LayerNorm over the last axis: the statistics type Flax computes in.
+template <class T, class I>
+using norm_stat_t = std::conditional_t<std::is_same_v<T, double> || std::is_same_v<I, double>, double, float>;
+
+// The backward of LayerNorm's y = (x - mean) * (rsqrt(var + eps) * scale) + bias over rows
+// of f features, var = max(0, E[x^2] - mean^2) (fast variance; jnp.maximum's derivative,
+// 1 above 0, 1/2 at 0, 0 below) or E[(x - mean)^2].
+//   x: [rows, f]; dy: [rows, f]; scale: [f] or null (use_scale=false);
+//   dx: [rows, f] or null; dscale, dbias: [f] accumulators (added to) or null.
+template <class T, class I, class P, class S = norm_stat_t<T, I>>
+void layer_norm_backward(const I* x, Index rows, Index f, double epsilon, bool fast_variance, const P* scale,
+                         const T* dy, I* dx, S* dscale, S* dbias) {
+  if (f == 0) return;
+  const S n = static_cast<S>(f), eps = static_cast<S>(epsilon);
+  std::vector<S> g(static_cast<std::size_t>(f));
+  for (Index r = 0; r < rows; ++r) {
+    const I* xr = x + r * f;
+    const T* gr = dy + r * f;
+    S m1 = 0, m2 = 0;
+    for (Index j = 0; j < f; ++j) {
+      const S v = static_cast<S>(xr[j]);
+      m1 += v;
+      m2 += v * v;
+    }
+    const S mean = m1 / n;
+    S var = 0, clip = 1;
+    if (fast_variance) {
+      const S raw = m2 / n - mean * mean;
+      var = std::max(S(0), raw);
+      clip = raw > S(0) ? S(1) : (raw == S(0) ? S(0.5) : S(0));
+    } else {
+      for (Index j = 0; j < f; ++j) {
+        const S c = static_cast<S>(xr[j]) - mean;
+        var += c * c;
+      }
+      var /= n;
+    }
+    const S rs = S(1) / std::sqrt(var + eps);
+    S dr = 0, sum_g = 0;
+    for (Index j = 0; j < f; ++j) {
+      const S gy = static_cast<S>(gr[j]);
+      const S c = static_cast<S>(xr[j]) - mean;
+      if (dscale) dscale[j] += gy * c * rs;
+      if (dbias) dbias[j] += gy;
+      const S gj = scale ? gy * static_cast<S>(scale[j]) : gy;
+      g[static_cast<std::size_t>(j)] = gj;
+      dr += gj * c;
+      sum_g += gj;
+    }
+    if (!dx) continue;
+    const S dvar = dr * S(-0.5) * rs * rs * rs;
+    if (fast_variance) {
+      // var = E[x^2] - mean^2: d/dx_j = (2 x_j - 2 mean) / n through both moments.
+      const S dm2 = dvar * clip;
+      const S dmean = -rs * sum_g - S(2) * mean * dm2;
+      for (Index j = 0; j < f; ++j)
+        dx[r * f + j] = static_cast<I>(g[static_cast<std::size_t>(j)] * rs + dmean / n +
+                                       dm2 * S(2) * static_cast<S>(xr[j]) / n);
+    } else {
+      S sum_c = 0;
+      for (Index j = 0; j < f; ++j) sum_c += static_cast<S>(xr[j]) - mean;
+      const S dmean = -rs * sum_g - S(2) * dvar * sum_c / n;
+      for (Index j = 0; j < f; ++j)
+        dx[r * f + j] = static_cast<I>(g[static_cast<std::size_t>(j)] * rs + dmean / n +
+                                       dvar * S(2) * (static_cast<S>(xr[j]) - mean) / n);
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace linen
+
+#endif  // LINEN_DETAIL_GRAD_LAYERS_HPP

@@ -1,0 +1,841 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Gradients: vector-Jacobian products (jax.vjp) of everything linen computes.
+//
+//   dot_product_attention_vjp(query, key, value, cotangent, options)
+//       -> output and the cotangents of query, key, value and bias (one call).
+//   auto [y, pullback] = vjp(module, variables, inputs_q[, inputs_k[, inputs_v]], call);
+//   AttentionGrads g = pullback(cotangent);   // g.params.query.kernel, ..., g.inputs_q
+//       for MultiHeadDotProductAttention and SelfAttention, as Flax users write
+//       `y, vjp_fn = jax.vjp(lambda p, x: mod.apply({'params': p}, x), params, x)`;
+//       the same `vjp` for DenseGeneral and LayerNorm.
+//
+// Design: a tape for the cheap activations, recomputation for the weights. The module vjp
+// runs the forward once and keeps what is O(batch x length x features), i.e. no more than
+// the forward allocated anyway: the inputs, the projected q, k, v (and q, k before
+// normalize_qk's LayerNorm), the attention output, a copy of the mask, the dropout keep
+// mask it actually drew, and for the fused kernels two numbers per query row (the
+// softmax's row max and denominator: the log-sum-exp in two parts). It does not keep the
+// batch x heads x q_length x kv_length attention weights: the backward recomputes them,
+// per head (reference) or per tile (fused), at the price of one extra q.k^T product —
+// FlashAttention's trade of a little compute for O(L) memory. Recomputing everything
+// instead would redo the four projections and need the dropout source a second time; with
+// the keep mask on the tape any source works, a C++ engine included: the mask is drawn
+// exactly once, in the forward. dot_product_attention_vjp has no parameters to hold on
+// to, so it runs its forward and backward in one call.
+//
+// Decode mode (the autoregressive cache) is inference only: vjp throws for decode=true.
+//
+// The pullback refers to `variables.params` (and a DenseGeneral/LayerNorm pullback to its
+// params) without copying them: keep them alive and unchanged until the pullback has run,
+// i.e. apply an optimizer's update after the backward, as a training step does. Passing a
+// temporary is a compile error.
+//
+// Element types: float, double, Eigen::half, Eigen::bfloat16. Half types compute in float
+// throughout (products, softmax, reductions) and round only where the forward rounds
+// (the reference implementation mirrors dot_product_attention's rounding of the logits and
+// weights); cotangents are returned in the primal's types (params in ParamT, inputs in
+// their own element type), as jax.vjp returns them.
+#ifndef LINEN_GRAD_HPP
+#define LINEN_GRAD_HPP
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <unsupported/Eigen/CXX11/ThreadPool>
+
+#include "attention.hpp"
+#include "dense.hpp"
+#include "detail/broadcast.hpp"
+#include "detail/grad_attention.hpp"
+#include "detail/grad_layers.hpp"
+#include "dot_product_attention.hpp"
+#include "layer_norm.hpp"
+#include "tensor.hpp"
+
+namespace linen {
+
+// How a vjp computes. The attention kernels (`implementation`, linen::Implementation):
+//   Reference: the forward is dot_product_attention's reference path (so the output is
+//     bit-identical to dot_product_attention with implementation=Reference); the backward
+//     recomputes one head's [q_length, kv_length] weights at a time with the same
+//     arithmetic and rounding. Single-threaded, O(q_length x kv_length) working memory.
+//   Fused: FlashAttention-2 style. The forward keeps two numbers per query row (the
+//     softmax's max and denominator), the backward recomputes [block_q, block_k] score
+//     tiles from them: O(length) working memory per worker (a mask, a bias or a dropout
+//     keep mask are O(length^2) by themselves when given); tiles that are masked
+//     throughout (causal) are skipped. (batch, head) pairs, and key tiles when there are
+//     fewer heads than threads, are spread over `thread_pool`. Agrees with Reference to
+//     rounding: like dot_product_attention's fused kernel, half types keep the weights in
+//     float before the value product.
+//   Auto: as the forward would choose. For dot_product_attention_vjp,
+//     options.implementation (whose Auto is Fused unless sowing); for the modules, Fused
+//     unless sow_weights is set.
+struct GradOptions {
+  Implementation implementation = Implementation::Auto;
+  // The caller's pool (e.g. Eigen::ThreadPool) for the fused kernels and the projections'
+  // backward; the calling thread works too and blocks until the pool's share is done, so
+  // do not call from inside a task of the same pool. nullptr: for
+  // dot_product_attention_vjp, options.thread_pool; otherwise the calling thread only.
+  // A pullback keeps using it: it must outlive the pullback. linen never starts threads
+  // of its own.
+  Eigen::ThreadPoolInterface* thread_pool = nullptr;
+  Index block_q = 128;  // query rows per tile (Fused)
+  Index block_k = 512;  // key rows per tile (Fused)
+};
+
+// What a vjp returns: the forward's output and the function from an output cotangent to
+// the cotangents of the inputs and parameters (jax.vjp's `(primals_out, vjp_fn)`).
+template <class Output, class Pullback>
+struct Vjp {
+  Output output;
+  Pullback pullback;
+};
+
+namespace detail {
+
+inline void check_grad_options(const GradOptions& g, const std::string& fn) {
+  if (g.block_q <= 0 || g.block_k <= 0)
+    throw std::invalid_argument(fn + ": GradOptions block_q and block_k must be positive, got block_q=" +
+                                std::to_string(g.block_q) + ", block_k=" + std::to_string(g.block_k));
+  if (g.implementation != Implementation::Auto && g.implementation != Implementation::Reference &&
+      g.implementation != Implementation::Fused)
+    throw std::invalid_argument(fn + ": unknown Implementation " + std::to_string(static_cast<int>(g.implementation)));
+}
+
+// Auto resolved: Fused unless the weights are to be sown.
+inline bool use_fused(Implementation i, bool sowing) {
+  return i == Implementation::Fused || (i == Implementation::Auto && !sowing);
+}
+
+template <class X, class T, int N>
+void check_cotangent(const X& ct, const Shape& expected, const std::string& fn) {
+  static_assert(is_tensor_v<X>, "linen: a cotangent must be a linen::Tensor (or a map of one)");
+  static_assert(std::is_same_v<typename tensor_traits<X>::scalar, T>,
+                "linen: the cotangent must have the output's element type");
+  static_assert(tensor_traits<X>::rank == N, "linen: the cotangent must have the output's rank");
+  if (shape_of(ct) != expected)
+    throw std::invalid_argument(fn + ": cotangent has shape " + to_string(shape_of(ct)) +
+                                ", the output's shape is " + to_string(expected));
+}
+
+// The dropout keep mask the forward draws, with the shape Flax draws it at:
+// broadcast_dropout: [1] * (rank - 2) + [q_length, kv_length], else the weights' shape.
+inline Shape keep_shape(const AttentionDims& d, bool broadcast_dropout) {
+  const Shape w = d.weights_shape();
+  if (!broadcast_dropout) return w;
+  Shape s(w.size() - 2, 1);
+  s.push_back(d.Lq);
+  s.push_back(d.Lk);
+  return s;
+}
+
+// A DropoutRng that hands out a mask already drawn (the tape's), checking the shape.
+inline DropoutRng replay_keep(const bool* keep, const Shape& shape) {
+  return DropoutRng([keep, shape](double, const Shape& s, bool* out) {
+    if (num_elements(s) != num_elements(shape))
+      throw std::logic_error("linen: dropout keep mask of shape " + to_string(s) + " requested, the tape holds " +
+                             to_string(shape));
+    std::copy(keep, keep + num_elements(shape), out);
+  });
+}
+
+template <class To, class From>
+void cast_into(const From* src, Index n, To* dst) {
+  for (Index i = 0; i < n; ++i) dst[i] = static_cast<To>(src[i]);
+}
+
+}  // namespace detail
+
+// ==========================================================================================
+// dot_product_attention
+// ==========================================================================================
+
+// The forward's output and the cotangents of dot_product_attention's inputs.
+template <class T, int N>
+struct DotProductAttentionGrads {
+  Tensor<T, N> output;  // [batch..., q_length, num_heads, v_depth_per_head], the forward's result
+  Tensor<T, N> query;   // [batch..., q_length, num_heads, qk_depth_per_head]
+  Tensor<T, N> key;     // [batch..., kv_length, num_heads, qk_depth_per_head]
+  Tensor<T, N> value;   // [batch..., kv_length, num_heads, v_depth_per_head]
+  // The bias's cotangent summed over the dims it was broadcast along, i.e. the bias's own
+  // shape (as jax.vjp gives it), left-padded with 1s to rank N (same elements, same
+  // order); size 0 when there is no bias.
+  Tensor<T, N> bias;
+};
+
+// vjp of dot_product_attention: runs the forward and its backward in one call.
+//   query:     [batch..., q_length, num_heads, qk_depth_per_head]
+//   key:       [batch..., kv_length, num_heads, qk_depth_per_head]
+//   value:     [batch..., kv_length, num_heads, v_depth_per_head]
+//   cotangent: [batch..., q_length, num_heads, v_depth_per_head], the output's cotangent
+//   options:   dot_product_attention's (bias, mask, dropout, force_fp32_for_softmax, ...)
+// Returns the output and the cotangents (bias: see DotProductAttentionGrads).
+// Dropout: the keep mask is drawn once from options.dropout_rng and serves both the
+// output returned here and the gradients. A deterministic source (a linen::random::Key)
+// draws the same mask on every call, so a separate dot_product_attention call with the
+// same options gives the same output; a C++ engine advances on every draw and must be
+// re-seeded for that (or use the output returned here).
+// Throws std::invalid_argument as dot_product_attention does, and when the cotangent's
+// shape is not the output's.
+template <class Q, class K, class V, class G>
+DotProductAttentionGrads<typename detail::tensor_traits<Q>::scalar, detail::tensor_traits<Q>::rank>
+dot_product_attention_vjp(const Q& query, const K& key, const V& value, const G& cotangent,
+                          const AttentionOptions<typename detail::tensor_traits<Q>::scalar>& options = {},
+                          const GradOptions& grad_options = {}) {
+  detail::require_tensor<Q>();
+  detail::require_tensor<K>();
+  detail::require_tensor<V>();
+  using T = typename detail::tensor_traits<Q>::scalar;
+  using C = accum_t<T>;
+  constexpr int N = detail::tensor_traits<Q>::rank;
+  static_assert(std::is_same_v<T, typename detail::tensor_traits<K>::scalar> &&
+                    std::is_same_v<T, typename detail::tensor_traits<V>::scalar>,
+                "linen: query, key and value must have the same element type");
+  static_assert(N == detail::tensor_traits<K>::rank && N == detail::tensor_traits<V>::rank,
+                "linen: q, k, v must have the same rank");
+  static_assert(N >= 3, "linen: query must be [batch..., q_length, num_heads, depth]");
+  const std::string fn = "dot_product_attention_vjp";
+  detail::check_grad_options(grad_options, fn);
+  const detail::AttentionDims d =
+      detail::check_qkv(shape_of(query), shape_of(key), shape_of(value), fn.c_str());
+  detail::check_cotangent<G, T, N>(cotangent, d.output_shape(), fn);
+  detail::check_dropout(options, fn.c_str());
+  const Implementation impl = grad_options.implementation != Implementation::Auto ? grad_options.implementation
+                                                                                   : options.implementation;
+  const bool fused = detail::use_fused(impl, static_cast<bool>(options.sow_weights));
+  if (fused && options.sow_weights)
+    throw std::invalid_argument(fn + ": implementation=Fused cannot sow the attention weights; use "
+                                "Implementation::Reference (or Auto)");
+  Eigen::ThreadPoolInterface* pool = grad_options.thread_pool ? grad_options.thread_pool : options.thread_pool;
+  // Validate mask and bias before drawing any dropout bits.
+  if (options.bias) detail::broadcast_strides(options.bias.shape(), d.weights_shape(), fn + ": bias");
+  if (options.mask) detail::broadcast_strides(options.mask.shape(), d.weights_shape(), fn + ": mask");
+
+  detail::AttentionCore<T> core;
+  core.d = d;
+  core.query = query.data();
+  core.key = key.data();
+  core.value = value.data();
+  core.bias = options.bias;
+  core.mask = options.mask;
+  core.broadcast_dropout = options.broadcast_dropout;
+  core.dropout_rate = options.dropout_rate;
+  core.fp32_softmax = options.force_fp32_for_softmax;
+  core.causal = options.is_causal;
+  Tensor<bool, 1> keep;
+  Shape keep_shape;
+  if (!options.deterministic && options.dropout_rate > 0.0) {
+    if (!options.dropout_rng)
+      throw std::invalid_argument(fn + ": dropout_rate=" + std::to_string(options.dropout_rate) +
+                                  " with deterministic=false needs a dropout_rng");
+    keep_shape = detail::keep_shape(d, options.broadcast_dropout);
+    keep.resize(num_elements(keep_shape));
+    options.dropout_rng(1.0 - options.dropout_rate, keep_shape, keep.data());
+    core.keep = keep.data();
+  }
+
+  DotProductAttentionGrads<T, N> g;
+  g.output.resize(to_dims<N>(d.output_shape()));
+  g.query.resize(query.dimensions());
+  g.key.resize(key.dimensions());
+  g.value.resize(value.dimensions());
+  std::vector<C> dbias;
+  if (options.bias) dbias.assign(static_cast<std::size_t>(num_elements(options.bias.shape())), C(0));
+  C* dbias_ptr = options.bias ? dbias.data() : nullptr;
+
+  if (!fused) {
+    AttentionOptions<T> o = options;
+    if (core.keep) o.dropout_rng = detail::replay_keep(core.keep, keep_shape);
+    detail::attention_reference<T>(d, core.query, core.key, core.value, o, g.output.data(), nullptr, fn.c_str());
+    detail::attention_backward_reference<T>(core, cotangent.data(), g.query.data(), g.key.data(), g.value.data(),
+                                            dbias_ptr, fn);
+  } else {
+    const Index rows = d.B * d.H * d.Lq;
+    std::vector<C> row_max(static_cast<std::size_t>(rows)), row_sum(static_cast<std::size_t>(rows));
+    std::vector<C> out_acc;
+    if constexpr (!std::is_same_v<C, T>) out_acc.resize(static_cast<std::size_t>(g.output.size()));
+    detail::attention_forward_fused<T>(core, g.output.data(), out_acc.empty() ? nullptr : out_acc.data(),
+                                       row_max.data(), row_sum.data(), grad_options.block_q, grad_options.block_k,
+                                       pool, fn);
+    const C* out_c = nullptr;
+    if constexpr (std::is_same_v<C, T>) out_c = g.output.data();
+    else out_c = out_acc.data();
+    detail::attention_backward_fused<T>(core, out_c, row_max.data(), row_sum.data(), cotangent.data(),
+                                        g.query.data(), g.key.data(), g.value.data(), dbias_ptr,
+                                        grad_options.block_q, grad_options.block_k, pool, fn);
+  }
+  if (options.bias) {
+    Shape bs(static_cast<std::size_t>(N) - options.bias.shape().size(), 1);
+    bs.insert(bs.end(), options.bias.shape().begin(), options.bias.shape().end());
+    g.bias.resize(to_dims<N>(bs));
+    detail::cast_into(dbias.data(), g.bias.size(), g.bias.data());
+  }
+  return g;
+}
+
+// ==========================================================================================
+// DenseGeneral
+// ==========================================================================================
+
+// Cotangents of a DenseGeneral's parameters and input.
+template <class ParamT, int Axes, int Features, class I, int N>
+struct DenseGrads {
+  DenseParams<ParamT, Axes, Features> params;  // kernel [in_dims..., features...], bias [features...]
+  Tensor<I, N> input;                          // [batch..., in_dims...]
+};
+
+// The backward of one DenseGeneral call (see vjp(DenseGeneral, ...)).
+template <class T, class ParamT, int Axes, int Features, class I, int N>
+class DensePullback {
+ public:
+  using Grads = DenseGrads<ParamT, Axes, Features, I, N>;
+  static constexpr int OutRank = N - Axes + Features;
+
+  // cotangent: [batch..., features...] -> the cotangents of params and input.
+  template <class G>
+  Grads operator()(const G& cotangent) const {
+    detail::check_cotangent<G, T, OutRank>(cotangent, ys_, "DenseGeneral vjp");
+    Grads g;
+    g.params.kernel.resize(params_->kernel.dimensions());
+    if (use_bias_) g.params.bias.resize(params_->bias.dimensions());
+    g.input.resize(to_dims<N>(xs_));
+    const Index m = x_.dimension(0), in = x_.dimension(1);
+    Index out = 1;
+    for (int i = 0; i < Features; ++i) out *= ys_[ys_.size() - Features + i];
+    detail::dense_backward<T, ParamT, I>(x_.data(), m, in, out, params_->kernel.data(), cotangent.data(),
+                                         g.params.kernel.data(), use_bias_ ? g.params.bias.data() : nullptr,
+                                         g.input.data(), pool_);
+    return g;
+  }
+
+  // Internal: made by vjp().
+  DensePullback(const DenseParams<ParamT, Axes, Features>* params, bool use_bias, Tensor<T, 2> x, Shape xs, Shape ys,
+                Eigen::ThreadPoolInterface* pool)
+      : params_(params), use_bias_(use_bias), x_(std::move(x)), xs_(std::move(xs)), ys_(std::move(ys)), pool_(pool) {}
+
+ private:
+  const DenseParams<ParamT, Axes, Features>* params_;
+  bool use_bias_;
+  Tensor<T, 2> x_;  // the input as the forward used it (cast to T), [prod(batch), prod(in_dims)]
+  Shape xs_, ys_;
+  Eigen::ThreadPoolInterface* pool_;
+};
+
+// vjp of DenseGeneral::apply.
+//   x: [batch..., in_dims...] -> output [batch..., features...] and its pullback.
+// `params` must outlive the pullback (see the top of this file); options.thread_pool
+// shares the backward's products.
+template <class T, class ParamT, int Axes, int Features, class X>
+Vjp<Tensor<T, detail::tensor_traits<X>::rank - Axes + Features>,
+    DensePullback<T, ParamT, Axes, Features, typename detail::tensor_traits<X>::scalar, detail::tensor_traits<X>::rank>>
+vjp(const DenseGeneral<T, ParamT, Axes, Features>& dense, const DenseParams<ParamT, Axes, Features>& params, const X& x,
+    const GradOptions& options = {}) {
+  static_assert(detail::is_tensor_v<X>, "linen: vjp(DenseGeneral) takes a linen::Tensor (or a map of one)");
+  using I = typename detail::tensor_traits<X>::scalar;
+  constexpr int N = detail::tensor_traits<X>::rank;
+  detail::check_grad_options(options, "DenseGeneral vjp");
+  auto y = dense.apply(params, x);  // checks the shapes
+  const Shape xs = shape_of(x), ys = shape_of(y);
+  Index in = 1;
+  for (int i = 0; i < Axes; ++i) in *= xs[xs.size() - Axes + i];
+  const Index m = in ? num_elements(xs) / in : 0;
+  Tensor<T, 2> xt(m, in);
+  detail::cast_into(x.data(), m * in, xt.data());
+  return {std::move(y), DensePullback<T, ParamT, Axes, Features, I, N>(&params, dense.config().use_bias, std::move(xt),
+                                                                     xs, ys, options.thread_pool)};
+}
+template <class T, class ParamT, int Axes, int Features, class X>
+void vjp(const DenseGeneral<T, ParamT, Axes, Features>&, DenseParams<ParamT, Axes, Features>&&, const X&,
+         const GradOptions& = {}) = delete;  // the pullback would refer to a destroyed temporary
+
+// ==========================================================================================
+// LayerNorm
+// ==========================================================================================
+
+// Cotangents of a LayerNorm's parameters and input.
+template <class ParamT, class I, int N>
+struct LayerNormGrads {
+  LayerNormParams<ParamT> params;  // scale, bias [features] (size 0 when unused)
+  Tensor<I, N> input;              // [batch..., features]
+};
+
+// The backward of one LayerNorm call (see vjp(LayerNorm, ...)).
+template <class T, class ParamT, class I, int N>
+class LayerNormPullback {
+ public:
+  using Grads = LayerNormGrads<ParamT, I, N>;
+
+  // cotangent: [batch..., features] -> the cotangents of params and input.
+  template <class G>
+  Grads operator()(const G& cotangent) const {
+    detail::check_cotangent<G, T, N>(cotangent, shape_of(x_), "LayerNorm vjp");
+    using S = detail::norm_stat_t<T, I>;
+    const Index f = x_.dimension(N - 1), rows = f ? x_.size() / f : 0;
+    std::vector<S> ds(static_cast<std::size_t>(f), S(0)), db(static_cast<std::size_t>(f), S(0));
+    Grads g;
+    g.input.resize(x_.dimensions());
+    detail::layer_norm_backward<T, I, ParamT>(x_.data(), rows, f, epsilon_, fast_variance_,
+                                              use_scale_ ? params_->scale.data() : nullptr, cotangent.data(),
+                                              g.input.data(), use_scale_ ? ds.data() : nullptr,
+                                              use_bias_ ? db.data() : nullptr);
+    if (use_scale_) {
+      g.params.scale.resize(f);
+      detail::cast_into(ds.data(), f, g.params.scale.data());
+    }
+    if (use_bias_) {
+      g.params.bias.resize(f);
+      detail::cast_into(db.data(), f, g.params.bias.data());
+    }
+    return g;
+  }
+
+  // Internal: made by vjp().
+  LayerNormPullback(const LayerNormParams<ParamT>* params, const typename LayerNorm<T, ParamT>::Config& c, Tensor<I, N> x)
+      : params_(params),
+        epsilon_(c.epsilon),
+        fast_variance_(c.use_fast_variance),
+        use_scale_(c.use_scale),
+        use_bias_(c.use_bias),
+        x_(std::move(x)) {}
+
+ private:
+  const LayerNormParams<ParamT>* params_;
+  double epsilon_;
+  bool fast_variance_, use_scale_, use_bias_;
+  Tensor<I, N> x_;
+};
+
+// vjp of LayerNorm::apply.
+//   x: [batch..., features] -> output [batch..., features] and its pullback.
+// `params` must outlive the pullback (see the top of this file).
+template <class T, class ParamT, class X>
+Vjp<Tensor<T, detail::tensor_traits<X>::rank>,
+    LayerNormPullback<T, ParamT, typename detail::tensor_traits<X>::scalar, detail::tensor_traits<X>::rank>>
+vjp(const LayerNorm<T, ParamT>& norm, const LayerNormParams<ParamT>& params, const X& x) {
+  static_assert(detail::is_tensor_v<X>, "linen: vjp(LayerNorm) takes a linen::Tensor (or a map of one)");
+  using I = typename detail::tensor_traits<X>::scalar;
+  constexpr int N = detail::tensor_traits<X>::rank;
+  auto y = norm.apply(params, x);  // checks the shapes
+  Tensor<I, N> xc = x;
+  return {std::move(y), LayerNormPullback<T, ParamT, I, N>(&params, norm.config(), std::move(xc))};
+}
+template <class T, class ParamT, class X>
+void vjp(const LayerNorm<T, ParamT>&, LayerNormParams<ParamT>&&, const X&) = delete;  // would dangle
+
+// ==========================================================================================
+// MultiHeadDotProductAttention and SelfAttention
+// ==========================================================================================
+
+// Cotangents of an attention module's parameters and inputs.
+template <class ParamT, class I, int N>
+struct AttentionGrads {
+  // Same structure and names as the params: query/kernel [in, heads, head_dim], query/bias
+  // [heads, head_dim], ..., out/kernel [heads, head_dim, out], out/bias [out],
+  // query_ln/scale, key_ln/scale [head_dim] (normalize_qk); unused entries have size 0.
+  AttentionParams<ParamT> params;
+  Tensor<I, N> inputs_q;  // [batch..., q_length, q_features]
+  Tensor<I, N> inputs_k;  // [batch..., kv_length, k_features]; size 0 unless inputs_k was passed
+  Tensor<I, N> inputs_v;  // [batch..., kv_length, v_features]; size 0 unless inputs_v was passed
+};
+
+namespace detail {
+
+// The tape of one attention module forward (see the top of this file).
+template <class T, class ParamT, class I, int N>
+struct AttentionTape {
+  using C = accum_t<T>;
+  std::string name;                       // "SelfAttention" or "MultiHeadDotProductAttention"
+  const AttentionParams<ParamT>* params = nullptr;
+  bool use_bias = true, normalize_qk = false;
+  int inputs = 1;                         // 1: k = v = q; 2: v = k; 3: q, k, v distinct
+  AttentionDims d;                        // batch, B, Lq, Lk, H, D = Dv = head_dim
+  Index fq = 0, fk = 0, fv = 0, fo = 0;   // feature sizes
+  Shape xs_q, xs_k, xs_v, ys;             // input and output shapes
+  Tensor<T, 2> xq, xk, xv;                // inputs as the projections read them (cast to T), [B * L, F]
+  Tensor<T, 4> q_pre, k_pre;              // projections before normalize_qk's LayerNorm
+  Tensor<T, 4> q, k, v;                   // what attention saw, [B, L, heads, head_dim]
+  Tensor<T, 4> x;                         // the attention output [B, Lq, heads, head_dim]
+  std::vector<C> x_acc;                   // fused, half types: x unrounded
+  std::vector<C> row_max, row_sum;        // fused: softmax statistics [B, heads, Lq]
+  Tensor<bool, 1> mask;                   // a copy of the caller's mask
+  Shape mask_shape;
+  bool has_mask = false;
+  Tensor<bool, 1> keep;                   // the dropout keep mask drawn by the forward
+  Shape keep_shape;
+  bool dropout = false, broadcast_dropout = true, fp32_softmax = false;
+  double dropout_rate = 0.0;
+  bool fused = true;                      // which kernels (GradOptions::implementation resolved)
+  GradOptions options;
+
+  AttentionCore<T> core() const {
+    AttentionCore<T> c;
+    c.d = d;
+    c.query = q.data();
+    c.key = k.data();
+    c.value = v.data();
+    if (has_mask) c.mask = ArrayRef<bool>(mask.data(), mask_shape);
+    c.keep = dropout ? keep.data() : nullptr;
+    c.broadcast_dropout = broadcast_dropout;
+    c.dropout_rate = dropout_rate;
+    c.fp32_softmax = fp32_softmax;
+    return c;
+  }
+};
+
+}  // namespace detail
+
+// The backward of one attention module call: cotangent [batch..., q_length, out_features]
+// -> AttentionGrads. Made by vjp(); may be called any number of times.
+template <class T, class ParamT, class I, int N>
+class AttentionPullback {
+ public:
+  using Grads = AttentionGrads<ParamT, I, N>;
+
+  template <class G>
+  Grads operator()(const G& cotangent) const {
+    using C = accum_t<T>;
+    const auto& t = tape_;
+    const std::string fn = t.name + " vjp";
+    detail::check_cotangent<G, T, N>(cotangent, t.ys, fn);
+    const AttentionParams<ParamT>& p = *t.params;
+    const detail::AttentionDims& d = t.d;
+    const Index H = d.H, dh = d.D, Mq = d.B * d.Lq, Mk = d.B * d.Lk;
+    Eigen::ThreadPoolInterface* pool = t.options.thread_pool;
+    Grads g;
+
+    // out: y = x . out/kernel + out/bias
+    g.params.out.kernel.resize(p.out.kernel.dimensions());
+    if (t.use_bias) g.params.out.bias.resize(p.out.bias.dimensions());
+    Tensor<T, 4> dx(d.B, d.Lq, H, dh);
+    detail::dense_backward<T, ParamT, T>(t.x.data(), Mq, H * dh, t.fo, p.out.kernel.data(), cotangent.data(),
+                                         g.params.out.kernel.data(), t.use_bias ? g.params.out.bias.data() : nullptr,
+                                         dx.data(), pool);
+
+    // attention
+    Tensor<T, 4> dq(d.B, d.Lq, H, dh), dk(d.B, d.Lk, H, dh), dv(d.B, d.Lk, H, dh);
+    const detail::AttentionCore<T> core = t.core();
+    if (!t.fused) {
+      detail::attention_backward_reference<T>(core, dx.data(), dq.data(), dk.data(), dv.data(), nullptr, fn);
+    } else {
+      const C* out_c = nullptr;
+      if constexpr (std::is_same_v<C, T>) out_c = t.x.data();
+      else out_c = t.x_acc.data();
+      detail::attention_backward_fused<T>(core, out_c, t.row_max.data(), t.row_sum.data(), dx.data(), dq.data(),
+                                          dk.data(), dv.data(), nullptr, t.options.block_q, t.options.block_k, pool,
+                                          fn);
+    }
+
+    // normalize_qk: LayerNorm(use_bias=False, epsilon=1e-6) over head_dim
+    if (t.normalize_qk) {
+      using S = detail::norm_stat_t<T, T>;
+      const auto back = [&](const Tensor<T, 4>& pre, const LayerNormParams<ParamT>& lp, Tensor<T, 4>& grad,
+                            Tensor<ParamT, 1>& dscale) {
+        std::vector<S> ds(static_cast<std::size_t>(dh), S(0));
+        Tensor<T, 4> dpre(pre.dimensions());
+        detail::layer_norm_backward<T, T, ParamT>(pre.data(), pre.size() / std::max<Index>(dh, 1), dh, 1e-6, true,
+                                                  lp.scale.data(), grad.data(), dpre.data(), ds.data(), static_cast<S*>(nullptr));
+        dscale.resize(dh);
+        detail::cast_into(ds.data(), dh, dscale.data());
+        grad = std::move(dpre);
+      };
+      back(t.q_pre, p.query_ln, dq, g.params.query_ln.scale);
+      back(t.k_pre, p.key_ln, dk, g.params.key_ln.scale);
+    }
+
+    // query, key, value: DenseGeneral(features=(heads, head_dim)). The input cotangents
+    // are summed in C where an input fed several projections (inputs_k = inputs_q, ...).
+    g.inputs_q.resize(to_dims<N>(t.xs_q));
+    if (t.inputs >= 2) g.inputs_k.resize(to_dims<N>(t.xs_k));
+    if (t.inputs == 3) g.inputs_v.resize(to_dims<N>(t.xs_v));
+    std::vector<C> tmp_q, tmp_k, tmp_v;  // only when I is not C
+    const auto buffer = [](Tensor<I, N>& dst, std::vector<C>& tmp) -> C* {
+      if constexpr (std::is_same_v<I, C>) {
+        return dst.data();
+      } else {
+        tmp.resize(static_cast<std::size_t>(dst.size()));
+        return tmp.data();
+      }
+    };
+    C* const gq = buffer(g.inputs_q, tmp_q);
+    C* const gk = t.inputs >= 2 ? buffer(g.inputs_k, tmp_k) : gq;
+    C* const gv = t.inputs == 3 ? buffer(g.inputs_v, tmp_v) : gk;
+    const auto proj = [&](const Tensor<T, 2>& x, Index m, Index f, const DenseParams<ParamT, 1, 2>& dp,
+                          const Tensor<T, 4>& grad, DenseParams<ParamT, 1, 2>& out, C* gx, bool add) {
+      out.kernel.resize(dp.kernel.dimensions());
+      if (t.use_bias) out.bias.resize(dp.bias.dimensions());
+      detail::dense_backward<T, ParamT, C>(x.data(), m, f, H * dh, dp.kernel.data(), grad.data(), out.kernel.data(),
+                                           t.use_bias ? out.bias.data() : nullptr, gx, pool, add);
+    };
+    const Tensor<T, 2>& xk = t.inputs >= 2 ? t.xk : t.xq;
+    const Tensor<T, 2>& xv = t.inputs == 3 ? t.xv : xk;
+    proj(t.xq, Mq, t.fq, p.query, dq, g.params.query, gq, false);
+    proj(xk, Mk, t.fk, p.key, dk, g.params.key, gk, t.inputs < 2);
+    proj(xv, Mk, t.fv, p.value, dv, g.params.value, gv, t.inputs < 3);
+    if constexpr (!std::is_same_v<I, C>) {
+      detail::cast_into(tmp_q.data(), g.inputs_q.size(), g.inputs_q.data());
+      detail::cast_into(tmp_k.data(), g.inputs_k.size(), g.inputs_k.data());
+      detail::cast_into(tmp_v.data(), g.inputs_v.size(), g.inputs_v.data());
+    }
+    return g;
+  }
+
+  // Internal: made by vjp().
+  explicit AttentionPullback(detail::AttentionTape<T, ParamT, I, N> tape) : tape_(std::move(tape)) {}
+
+ private:
+  detail::AttentionTape<T, ParamT, I, N> tape_;
+};
+
+namespace detail {
+
+template <class XQ, class XK, class XV>
+void check_attention_inputs() {
+  static_assert(is_tensor_v<XQ> && is_tensor_v<XK> && is_tensor_v<XV>,
+                "linen: attention inputs must be linen::Tensor<T, N> (or maps of one)");
+  constexpr int N = tensor_traits<XQ>::rank;
+  static_assert(N >= 2, "linen: attention inputs are [batch..., length, features]");
+  static_assert(N == tensor_traits<XK>::rank && N == tensor_traits<XV>::rank,
+                "linen: inputs_q, inputs_k and inputs_v must have the same rank");
+  static_assert(std::is_same_v<typename tensor_traits<XQ>::scalar, typename tensor_traits<XK>::scalar> &&
+                    std::is_same_v<typename tensor_traits<XQ>::scalar, typename tensor_traits<XV>::scalar>,
+                "linen: vjp needs inputs_q, inputs_k and inputs_v of one element type");
+}
+
+template <int R, class P>
+void check_param(const Tensor<P, R>& t, const Shape& expected, const std::string& module, const char* path) {
+  if (shape_of(t) != expected)
+    throw std::invalid_argument(module + ": " + path + " has shape " + to_string(shape_of(t)) + ", expected " +
+                                to_string(expected));
+}
+
+// The forward of MultiHeadDotProductAttention (Flax's __call__ without decode) that also
+// fills a tape. `inputs`: how many distinct inputs the caller passed (1, 2 or 3).
+template <class T, class ParamT, class XQ, class XK, class XV>
+Vjp<Tensor<T, tensor_traits<XQ>::rank>,
+    AttentionPullback<T, ParamT, typename tensor_traits<XQ>::scalar, tensor_traits<XQ>::rank>>
+attention_module_vjp(const MultiHeadDotProductAttention<T, ParamT>& module, const std::string& name,
+                     const AttentionParams<ParamT>& params, const XQ& inputs_q, const XK& inputs_k, const XV& inputs_v,
+                     int inputs, const CallOptions<T>& call, const GradOptions& options) {
+  check_attention_inputs<XQ, XK, XV>();
+  using I = typename tensor_traits<XQ>::scalar;
+  constexpr int N = tensor_traits<XQ>::rank;
+  using C = accum_t<T>;
+  const auto& cfg = module.config();
+  check_grad_options(options, name);
+  if (cfg.decode)
+    throw std::invalid_argument(name + ": vjp does not differentiate decode=true (the cache is for inference); "
+                                "train the module with decode=false and a causal mask");
+  if (cfg.attention_fn.template target<DotProductAttention>() == nullptr)
+    throw std::invalid_argument(name + ": vjp differentiates the default attention_fn (linen::dot_product_attention) "
+                                "only; this module's attention_fn is another callable");
+
+  AttentionTape<T, ParamT, I, N> t;
+  t.name = name;
+  t.params = &params;
+  t.use_bias = cfg.use_bias;
+  t.normalize_qk = cfg.normalize_qk;
+  t.inputs = inputs;
+  t.options = options;
+  t.xs_q = shape_of(inputs_q);
+  t.xs_k = shape_of(inputs_k);
+  t.xs_v = shape_of(inputs_v);
+  const Shape &qs = t.xs_q, &ks = t.xs_k, &vs = t.xs_v;
+  if (!std::equal(qs.begin(), qs.end() - 2, ks.begin()) || !std::equal(qs.begin(), qs.end() - 2, vs.begin()))
+    throw std::invalid_argument(name + ": inputs must share their batch dims [batch..., length, features]; inputs_q " +
+                                to_string(qs) + ", inputs_k " + to_string(ks) + ", inputs_v " + to_string(vs));
+  if (ks[ks.size() - 2] != vs[vs.size() - 2])
+    throw std::invalid_argument(name + ": inputs_k and inputs_v lengths differ: " + to_string(ks) + " vs " +
+                                to_string(vs));
+  for (const Shape* s : {&qs, &ks, &vs})
+    if (s->back() <= 0)
+      throw std::invalid_argument(name + ": input features must be positive, got shape " + to_string(*s));
+
+  const Index H = cfg.num_heads;
+  t.fq = qs.back();
+  t.fk = ks.back();
+  t.fv = vs.back();
+  const Index dh = module.head_dim(t.fq);
+  t.fo = module.out_features(t.fq);
+  AttentionDims& d = t.d;
+  d.batch.assign(qs.begin(), qs.end() - 2);
+  d.B = num_elements(d.batch);
+  d.Lq = qs[qs.size() - 2];
+  d.Lk = ks[ks.size() - 2];
+  d.H = H;
+  d.D = d.Dv = dh;
+  t.ys = d.batch;
+  t.ys.insert(t.ys.end(), {d.Lq, t.fo});
+
+  check_param(params.query.kernel, {t.fq, H, dh}, name, "query/kernel");
+  check_param(params.key.kernel, {t.fk, H, dh}, name, "key/kernel");
+  check_param(params.value.kernel, {t.fv, H, dh}, name, "value/kernel");
+  check_param(params.out.kernel, {H, dh, t.fo}, name, "out/kernel");
+  if (cfg.use_bias) {
+    check_param(params.query.bias, {H, dh}, name, "query/bias");
+    check_param(params.key.bias, {H, dh}, name, "key/bias");
+    check_param(params.value.bias, {H, dh}, name, "value/bias");
+    check_param(params.out.bias, {t.fo}, name, "out/bias");
+  }
+  if (cfg.normalize_qk) {
+    check_param(params.query_ln.scale, {dh}, name, "query_ln/scale");
+    check_param(params.key_ln.scale, {dh}, name, "key_ln/scale");
+  }
+
+  // Flax: deterministic matters (and must be given once) only when dropout_rate > 0.
+  bool deterministic = true;
+  if (cfg.dropout_rate > 0.0) {
+    if (cfg.deterministic && call.deterministic)
+      throw std::invalid_argument(name + ": Parameter \"deterministic\" was passed to the constructor and at call time. Should be passed just once.");
+    if (!cfg.deterministic && !call.deterministic)
+      throw std::invalid_argument(name + ": Parameter \"deterministic\" must be passed to the constructor or at call time.");
+    deterministic = cfg.deterministic ? *cfg.deterministic : *call.deterministic;
+    if (!deterministic && !call.dropout_rng)
+      throw std::invalid_argument(name + ": dropout_rate=" + std::to_string(cfg.dropout_rate) +
+                                  " with deterministic=false needs a dropout_rng");
+  }
+  if (call.mask) {
+    broadcast_strides(call.mask.shape(), d.weights_shape(), name + ": mask");
+    t.has_mask = true;
+    t.mask_shape = call.mask.shape();
+    t.mask.resize(num_elements(t.mask_shape));
+    std::copy(call.mask.data(), call.mask.data() + t.mask.size(), t.mask.data());
+  }
+  const bool fused = use_fused(options.implementation, static_cast<bool>(call.sow_weights));
+  if (fused && call.sow_weights)
+    throw std::invalid_argument(name + ": implementation=Fused cannot sow the attention weights; use "
+                                "Implementation::Reference (or Auto)");
+  t.fused = fused;
+
+  // Projections, exactly as the module computes them.
+  auto project = [&](const auto& x, const DenseParams<ParamT, 1, 2>& p, Index len, Tensor<T, 2>* keep_x) {
+    typename DenseGeneral<T, ParamT, 1, 2>::Config c;
+    c.features = {H, dh};
+    c.use_bias = cfg.use_bias;
+    c.precision = cfg.precision;
+    const DenseGeneral<T, ParamT, 1, 2> dense(std::move(c));
+    const Shape xs = shape_of(x);
+    Tensor<T, 4> y(d.B, len, H, dh);
+    dense.template apply_raw<I>(p, x.data(), xs, y.data());
+    if (keep_x) {
+      keep_x->resize(d.B * len, xs.back());
+      cast_into(x.data(), keep_x->size(), keep_x->data());
+    }
+    return y;
+  };
+  // The tape keeps each distinct input once.
+  t.q = project(inputs_q, params.query, d.Lq, &t.xq);
+  t.k = project(inputs_k, params.key, d.Lk, inputs >= 2 ? &t.xk : nullptr);
+  t.v = project(inputs_v, params.value, d.Lk, inputs == 3 ? &t.xv : nullptr);
+  if (cfg.normalize_qk) {
+    typename LayerNorm<T, ParamT>::Config c;
+    c.use_bias = false;  // Flax: LayerNorm(use_bias=False), epsilon 1e-6
+    const LayerNorm<T, ParamT> ln(std::move(c));
+    t.q_pre = t.q;
+    t.k_pre = t.k;
+    ln.apply_raw(params.query_ln, t.q_pre.data(), shape_of(t.q_pre), t.q.data());
+    ln.apply_raw(params.key_ln, t.k_pre.data(), shape_of(t.k_pre), t.k.data());
+  }
+
+  t.broadcast_dropout = cfg.broadcast_dropout;
+  t.dropout_rate = cfg.dropout_rate;
+  t.fp32_softmax = cfg.force_fp32_for_softmax;
+  if (!deterministic) {
+    // Flax draws the keep mask at the caller's batch rank (module's flax_shape).
+    t.dropout = true;
+    t.keep_shape = keep_shape(d, cfg.broadcast_dropout);
+    t.keep.resize(num_elements(t.keep_shape));
+    call.dropout_rng(1.0 - cfg.dropout_rate, t.keep_shape, t.keep.data());
+  }
+
+  const AttentionCore<T> core = t.core();
+  t.x.resize(d.B, d.Lq, H, dh);
+  if (!fused) {
+    AttentionOptions<T> o;
+    o.mask = core.mask;
+    o.broadcast_dropout = cfg.broadcast_dropout;
+    o.dropout_rate = cfg.dropout_rate;
+    o.deterministic = deterministic;
+    o.precision = cfg.precision;
+    o.force_fp32_for_softmax = cfg.force_fp32_for_softmax;
+    if (t.dropout) o.dropout_rng = replay_keep(t.keep.data(), t.keep_shape);
+    o.sow_weights = call.sow_weights;  // d.batch is the caller's: weights are [batch..., heads, Lq, Lk]
+    attention_reference<T>(d, core.query, core.key, core.value, o, t.x.data(), nullptr, name.c_str());
+  } else {
+    const Index rows = d.B * H * d.Lq;
+    t.row_max.resize(static_cast<std::size_t>(rows));
+    t.row_sum.resize(static_cast<std::size_t>(rows));
+    if constexpr (!std::is_same_v<C, T>) t.x_acc.resize(static_cast<std::size_t>(t.x.size()));
+    attention_forward_fused<T>(core, t.x.data(), t.x_acc.empty() ? nullptr : t.x_acc.data(), t.row_max.data(),
+                               t.row_sum.data(), options.block_q, options.block_k, options.thread_pool, name);
+  }
+
+  typename DenseGeneral<T, ParamT, 2, 1>::Config oc;
+  oc.features = {t.fo};
+  oc.use_bias = cfg.use_bias;
+  oc.precision = cfg.precision;
+  const DenseGeneral<T, ParamT, 2, 1> out_dense(std::move(oc));
+  Tensor<T, N> y(to_dims<N>(t.ys));
+  out_dense.template apply_raw<T>(params.out, t.x.data(), shape_of(t.x), y.data());
+  return {std::move(y), AttentionPullback<T, ParamT, I, N>(std::move(t))};
+}
+
+}  // namespace detail
+
+// vjp of MultiHeadDotProductAttention::apply (Flax's
+// `jax.vjp(lambda p, q[, k[, v]]: mod.apply({'params': p}, q, k, v, mask=...), params, ...)`).
+//   inputs_q: [batch..., q_length, q_features]; inputs_k: [batch..., kv_length, k_features]
+//   (default inputs_q); inputs_v: [batch..., kv_length, v_features] (default inputs_k).
+//   call: mask, deterministic, dropout_rng, sow_weights as for apply (sow_weights with
+//   Implementation::Reference or Auto).
+// Returns {output [batch..., q_length, out_features], pullback}; pullback(cotangent) gives
+// the cotangents of every parameter and of each input passed (an input used twice, as
+// inputs_k = inputs_q, gets the sum). The dropout keep mask is drawn once, here, with the
+// shape Flax draws it at, so a linen::random::Key gives apply()'s mask. The output equals
+// apply()'s to rounding (apply runs dot_product_attention's own fused kernel).
+// `variables` must outlive the pullback. decode=true and a custom attention_fn throw
+// std::invalid_argument; wrong shapes throw as apply does.
+template <class T, class ParamT, class XQ>
+auto vjp(const MultiHeadDotProductAttention<T, ParamT>& module, const AttentionVariables<T, ParamT>& variables,
+         const XQ& inputs_q, const CallOptions<T>& call = {}, const GradOptions& options = {}) {
+  return detail::attention_module_vjp(module, "MultiHeadDotProductAttention", variables.params, inputs_q, inputs_q,
+                                      inputs_q, 1, call, options);
+}
+template <class T, class ParamT, class XQ, class XK, std::enable_if_t<detail::is_tensor_v<XK>, int> = 0>
+auto vjp(const MultiHeadDotProductAttention<T, ParamT>& module, const AttentionVariables<T, ParamT>& variables,
+         const XQ& inputs_q, const XK& inputs_k, const CallOptions<T>& call = {}, const GradOptions& options = {}) {
+  return detail::attention_module_vjp(module, "MultiHeadDotProductAttention", variables.params, inputs_q, inputs_k,
+                                      inputs_k, 2, call, options);
+}
+template <class T, class ParamT, class XQ, class XK, class XV, std::enable_if_t<detail::is_tensor_v<XV>, int> = 0>
+auto vjp(const MultiHeadDotProductAttention<T, ParamT>& module, const AttentionVariables<T, ParamT>& variables,
+         const XQ& inputs_q, const XK& inputs_k, const XV& inputs_v, const CallOptions<T>& call = {},
+         const GradOptions& options = {}) {
+  return detail::attention_module_vjp(module, "MultiHeadDotProductAttention", variables.params, inputs_q, inputs_k,
+                                      inputs_v, 3, call, options);
+}
+
+// vjp of SelfAttention::apply: inputs_q [batch..., length, features] -> {output
+// [batch..., length, out_features], pullback}; pullback(cotangent).inputs_q is the whole
+// input cotangent (through query, key and value). See the MultiHeadDotProductAttention
+// overloads for the rest.
+template <class T, class ParamT, class XQ>
+auto vjp(const SelfAttention<T, ParamT>& module, const AttentionVariables<T, ParamT>& variables, const XQ& inputs_q,
+         const CallOptions<T>& call = {}, const GradOptions& options = {}) {
+  return detail::attention_module_vjp(module.as_multi_head(), "SelfAttention", variables.params, inputs_q, inputs_q,
+                                      inputs_q, 1, call, options);
+}
+
+// The pullbacks refer to variables.params: a temporary would dangle.
+template <class T, class ParamT, class... Rest>
+void vjp(const MultiHeadDotProductAttention<T, ParamT>&, AttentionVariables<T, ParamT>&&, Rest&&...) = delete;
+template <class T, class ParamT, class... Rest>
+void vjp(const SelfAttention<T, ParamT>&, AttentionVariables<T, ParamT>&&, Rest&&...) = delete;
+
+}  // namespace linen
+
+#endif  // LINEN_GRAD_HPP
