@@ -60,13 +60,16 @@ class NoAllocation {
   long start_;
 };
 
-template <class T, class P>
-void expect_no_allocation_after_warm_up(Index E, Index H, bool normalize_qk, bool gathered_mask, Index L = 300) {
+template <class T, class P, class Module = linen::SelfAttention<T, P>>
+void expect_no_allocation_after_warm_up(Index E, Index H, bool normalize_qk, bool gathered_mask, Index L = 300,
+                                        double dropout_rate = 0.0) {
   linen::AttentionConfig<T, P> cfg;
   cfg.num_heads = H;
   cfg.decode = true;
   cfg.normalize_qk = normalize_qk;
-  const linen::SelfAttention<T, P> attn(cfg);
+  cfg.dropout_rate = dropout_rate;
+  if (dropout_rate > 0) cfg.deterministic = true;
+  const Module attn(cfg);
   std::mt19937 g(1);
   std::normal_distribution<float> d;
   const Index B0 = 2, B1 = 2;
@@ -106,6 +109,12 @@ TEST(DecodeAllocation, FloatNormalizeQkGatheredMask) {
 }
 TEST(DecodeAllocation, FloatWideModelLongCache) {
   expect_no_allocation_after_warm_up<float, float>(512, 8, false, false, 600);
+}
+// A module with a long name (no small-string buffer) and dropout configured but
+// deterministic: nothing on the step's path builds an error message.
+TEST(DecodeAllocation, MultiHeadWithDeterministicDropout) {
+  expect_no_allocation_after_warm_up<float, float, linen::MultiHeadDotProductAttention<float>>(64, 4, true, true, 300,
+                                                                                              0.1);
 }
 TEST(DecodeAllocation, Double) { expect_no_allocation_after_warm_up<double, double>(32, 2, true, true); }
 TEST(DecodeAllocation, Bfloat16WithFloatParams) {

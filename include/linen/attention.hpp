@@ -575,14 +575,13 @@ class MultiHeadDotProductAttention {
   // Flax: deterministic matters (and must be given once) only when dropout_rate > 0.
   bool resolve_deterministic(const CallOptions<T>& call) const {
     if (!(config_.dropout_rate > 0.0)) return true;
-    const std::string n = name();
     if (config_.deterministic && call.deterministic)
-      throw std::invalid_argument(n + ": Parameter \"deterministic\" was passed to the constructor and at call time. Should be passed just once.");
+      throw std::invalid_argument(name() + ": Parameter \"deterministic\" was passed to the constructor and at call time. Should be passed just once.");
     if (!config_.deterministic && !call.deterministic)
-      throw std::invalid_argument(n + ": Parameter \"deterministic\" must be passed to the constructor or at call time.");
+      throw std::invalid_argument(name() + ": Parameter \"deterministic\" must be passed to the constructor or at call time.");
     const bool deterministic = config_.deterministic ? *config_.deterministic : *call.deterministic;
     if (!deterministic && !call.dropout_rng)
-      throw std::invalid_argument(n + ": dropout_rate=" + std::to_string(config_.dropout_rate) +
+      throw std::invalid_argument(name() + ": dropout_rate=" + std::to_string(config_.dropout_rate) +
                                   " with deterministic=false needs a dropout_rng");
     return deterministic;
   }
