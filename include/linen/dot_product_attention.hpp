@@ -400,6 +400,23 @@ void require_tensor() {
                 "linen: arguments must be linen::Tensor<T, N> (row-major) or a TensorMap of one");
 }
 
+// The compile-time contract of dot_product_attention's q, k, v (and its vjp's).
+template <class Q, class K, class V>
+void require_qkv() {
+  require_tensor<Q>();
+  require_tensor<K>();
+  require_tensor<V>();
+  if constexpr (is_tensor_v<Q> && is_tensor_v<K> && is_tensor_v<V>) {
+    using T = typename tensor_traits<Q>::scalar;
+    constexpr int N = tensor_traits<Q>::rank;
+    static_assert(std::is_same_v<T, typename tensor_traits<K>::scalar> &&
+                      std::is_same_v<T, typename tensor_traits<V>::scalar>,
+                  "linen: query, key and value must have the same element type");
+    static_assert(N == tensor_traits<K>::rank && N == tensor_traits<V>::rank, "linen: q, k, v must have the same rank");
+    static_assert(N >= 3, "linen: query must be [batch..., q_length, num_heads, depth]");
+  }
+}
+
 }  // namespace detail
 
 // Computes dot-product attention weights given query and key.
@@ -445,17 +462,9 @@ Tensor<typename detail::signature_traits<Q>::scalar, detail::signature_traits<Q>
 dot_product_attention(
     const Q& query, const K& key, const V& value,
     const AttentionOptions<typename detail::signature_traits<Q>::scalar>& options = {}) {
-  detail::require_tensor<Q>();
-  detail::require_tensor<K>();
-  detail::require_tensor<V>();
+  detail::require_qkv<Q, K, V>();
   using T = typename detail::tensor_traits<Q>::scalar;
   constexpr int N = detail::tensor_traits<Q>::rank;
-  static_assert(std::is_same_v<T, typename detail::tensor_traits<K>::scalar> &&
-                    std::is_same_v<T, typename detail::tensor_traits<V>::scalar>,
-                "linen: query, key and value must have the same element type");
-  static_assert(N == detail::tensor_traits<K>::rank && N == detail::tensor_traits<V>::rank,
-                "linen: q, k, v must have the same rank");
-  static_assert(N >= 3, "linen: query must be [batch..., q_length, num_heads, depth]");
   const auto d = detail::check_qkv(shape_of(query), shape_of(key), shape_of(value),
                                    "dot_product_attention");
   if (options.implementation != Implementation::Auto && options.implementation != Implementation::Reference &&

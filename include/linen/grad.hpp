@@ -187,18 +187,10 @@ DotProductAttentionGrads<typename detail::tensor_traits<Q>::scalar, detail::tens
 dot_product_attention_vjp(const Q& query, const K& key, const V& value, const G& cotangent,
                           const AttentionOptions<typename detail::tensor_traits<Q>::scalar>& options = {},
                           const GradOptions& grad_options = {}) {
-  detail::require_tensor<Q>();
-  detail::require_tensor<K>();
-  detail::require_tensor<V>();
+  detail::require_qkv<Q, K, V>();
   using T = typename detail::tensor_traits<Q>::scalar;
   using C = accum_t<T>;
   constexpr int N = detail::tensor_traits<Q>::rank;
-  static_assert(std::is_same_v<T, typename detail::tensor_traits<K>::scalar> &&
-                    std::is_same_v<T, typename detail::tensor_traits<V>::scalar>,
-                "linen: query, key and value must have the same element type");
-  static_assert(N == detail::tensor_traits<K>::rank && N == detail::tensor_traits<V>::rank,
-                "linen: q, k, v must have the same rank");
-  static_assert(N >= 3, "linen: query must be [batch..., q_length, num_heads, depth]");
   const std::string fn = "dot_product_attention_vjp";
   detail::check_grad_options(grad_options, fn);
   const detail::AttentionDims d =
