@@ -120,19 +120,6 @@ void expect_same(const std::vector<Outputs>& serial, const std::vector<Outputs>&
 
 constexpr Index kB = 2, kL = 6, kF = 16, kHeads = 4;
 
-struct SharedModules {
-  linen::AttentionConfig<float> cfg, dec_cfg, drop_cfg;
-  SharedModules() {
-    cfg.num_heads = kHeads;
-    cfg.bias_init = linen::initializers::normal{0.2};
-    dec_cfg = cfg;
-    dec_cfg.decode = true;
-    drop_cfg = cfg;
-    drop_cfg.dropout_rate = 0.3;
-    drop_cfg.broadcast_dropout = false;
-  }
-};
-
 // The work of thread t: decode steps through its own cache, full forward passes with a
 // causal mask, and dropout through a MultiHeadDotProductAttention with its own engine, its
 // own key and a key shared by all threads.
@@ -177,15 +164,40 @@ struct ModuleWork {
   }
 };
 
+// The modules and variables every thread shares; `pool` is lent to all three modules.
+struct SharedModules {
+  linen::SelfAttention<float> full, dec;
+  linen::MultiHeadDotProductAttention<float> drop;
+  linen::SelfAttention<float>::Variables vars;
+  linen::MultiHeadDotProductAttention<float>::Variables drop_vars;
+  linen::random::Key shared_key = linen::random::key(99);
+
+  explicit SharedModules(Eigen::ThreadPoolInterface* pool = nullptr)
+      : full(config(pool)),
+        dec(config(pool, true)),
+        drop(config(pool, false, 0.3)),
+        vars(full.init(linen::random::key(0), x0())),
+        drop_vars(drop.init(linen::random::key(1), x0(), random_tensor<float, 3>({kB, kL + 1, kF}, 2))) {}
+  ModuleWork work() const { return {full, dec, drop, vars, drop_vars, shared_key}; }
+
+ private:
+  static Tensor<float, 3> x0() { return random_tensor<float, 3>({kB, kL, kF}, 1); }
+  static linen::AttentionConfig<float> config(Eigen::ThreadPoolInterface* pool, bool decode = false,
+                                              double dropout_rate = 0.0) {
+    linen::AttentionConfig<float> cfg;
+    cfg.num_heads = kHeads;
+    cfg.bias_init = linen::initializers::normal{0.2};
+    cfg.decode = decode;
+    cfg.dropout_rate = dropout_rate;
+    if (dropout_rate > 0) cfg.broadcast_dropout = false;
+    cfg.thread_pool = pool;
+    return cfg;
+  }
+};
+
 TEST(ConcurrencyModules, EightThreadsShareOneModuleAndOneParameterSet) {
   const SharedModules s;
-  const linen::SelfAttention<float> full(s.cfg), dec(s.dec_cfg);
-  const linen::MultiHeadDotProductAttention<float> drop(s.drop_cfg);
-  const auto x0 = random_tensor<float, 3>({kB, kL, kF}, 1);
-  const auto vars = full.init(linen::random::key(0), x0);
-  const auto drop_vars = drop.init(linen::random::key(1), x0, random_tensor<float, 3>({kB, kL + 1, kF}, 2));
-  const linen::random::Key shared_key = linen::random::key(99);
-  const ModuleWork work{full, dec, drop, vars, drop_vars, shared_key};
+  const ModuleWork work = s.work();
 
   std::vector<Outputs> serial(kThreads), concurrent(kThreads);
   for (int t = 0; t < kThreads; ++t) serial[static_cast<std::size_t>(t)] = work(t);
@@ -287,27 +299,12 @@ TEST(ConcurrencyThreadPool, ModulesWithASharedPool) {
   std::vector<Outputs> serial(kThreads);
   {
     const SharedModules s;
-    const linen::SelfAttention<float> full(s.cfg), dec(s.dec_cfg);
-    const linen::MultiHeadDotProductAttention<float> drop(s.drop_cfg);
-    const auto x0 = random_tensor<float, 3>({kB, kL, kF}, 1);
-    const auto vars = full.init(linen::random::key(0), x0);
-    const auto drop_vars = drop.init(linen::random::key(1), x0, random_tensor<float, 3>({kB, kL + 1, kF}, 2));
-    const linen::random::Key shared_key = linen::random::key(99);
-    const ModuleWork work{full, dec, drop, vars, drop_vars, shared_key};
+    const ModuleWork work = s.work();
     for (int t = 0; t < kThreads; ++t) serial[static_cast<std::size_t>(t)] = work(t);
   }
   Eigen::ThreadPool pool(3);
-  SharedModules s;
-  s.cfg.thread_pool = &pool;
-  s.dec_cfg.thread_pool = &pool;
-  s.drop_cfg.thread_pool = &pool;
-  const linen::SelfAttention<float> full(s.cfg), dec(s.dec_cfg);
-  const linen::MultiHeadDotProductAttention<float> drop(s.drop_cfg);
-  const auto x0 = random_tensor<float, 3>({kB, kL, kF}, 1);
-  const auto vars = full.init(linen::random::key(0), x0);
-  const auto drop_vars = drop.init(linen::random::key(1), x0, random_tensor<float, 3>({kB, kL + 1, kF}, 2));
-  const linen::random::Key shared_key = linen::random::key(99);
-  const ModuleWork work{full, dec, drop, vars, drop_vars, shared_key};
+  const SharedModules s(&pool);
+  const ModuleWork work = s.work();
   std::vector<Outputs> concurrent(kThreads);
   run_concurrently("modules with a shared pool", [&](int t) { concurrent[static_cast<std::size_t>(t)] = work(t); });
   expect_same(serial, concurrent, "modules with a shared pool");

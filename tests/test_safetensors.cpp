@@ -16,9 +16,7 @@
 #include <string>
 #include <vector>
 
-#ifndef LINEN_TEST_DATA_DIR
-#define LINEN_TEST_DATA_DIR "/work/main/tests/data"
-#endif
+#include "test_support.hpp"
 
 namespace {
 
@@ -57,16 +55,7 @@ Variables parse(const Bytes& b, const std::string& name = "bad.safetensors") {
 
 // The io_error message of parsing `b`; fails the test if it parses or throws anything else.
 std::string parse_error(const Bytes& b) {
-  try {
-    parse(b);
-  } catch (const linen::io_error& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "expected linen::io_error, got: " << e.what();
-    return {};
-  }
-  ADD_FAILURE() << "expected linen::io_error, the image parsed";
-  return {};
+  return linen_test::io_error_message([&] { parse(b); });
 }
 
 // Parsing `b` throws io_error naming the file and every part.

@@ -57,6 +57,22 @@ linen::Tensor<To, N> cast(const linen::Tensor<From, N>& t) {
   return t.template cast<To>();
 }
 
+// The linen::io_error message of running `load` (a loader call); fails the test if it
+// returns or throws anything else.
+template <class F>
+std::string io_error_message(F&& load) {
+  try {
+    load();
+  } catch (const linen::io_error& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "expected linen::io_error, got: " << e.what();
+    return {};
+  }
+  ADD_FAILURE() << "expected linen::io_error, the image parsed";
+  return {};
+}
+
 }  // namespace linen_test
 
 #endif  // LINEN_TESTS_TEST_SUPPORT_HPP
