@@ -167,19 +167,19 @@ class MultiHeadDotProductAttention {
       : config_(std::move(config)), name_(module_name) {
     const std::string n = name();
     if (config_.num_heads <= 0)
-      throw std::invalid_argument(n + ": num_heads must be positive, got " + std::to_string(config_.num_heads));
+      throw linen::invalid_argument(n + ": num_heads must be positive, got " + std::to_string(config_.num_heads));
     if (config_.qkv_features && *config_.qkv_features <= 0)
-      throw std::invalid_argument(n + ": qkv_features must be positive, got " + std::to_string(*config_.qkv_features));
+      throw linen::invalid_argument(n + ": qkv_features must be positive, got " + std::to_string(*config_.qkv_features));
     if (config_.qkv_features && *config_.qkv_features % config_.num_heads != 0)
-      throw std::invalid_argument(n + ": Memory dimension (" + std::to_string(*config_.qkv_features) +
+      throw linen::invalid_argument(n + ": Memory dimension (" + std::to_string(*config_.qkv_features) +
                                   ") must be divisible by number of heads (" + std::to_string(config_.num_heads) + ")");
     if (config_.out_features && *config_.out_features <= 0)
-      throw std::invalid_argument(n + ": out_features must be positive, got " + std::to_string(*config_.out_features));
+      throw linen::invalid_argument(n + ": out_features must be positive, got " + std::to_string(*config_.out_features));
     if (!(config_.dropout_rate >= 0.0 && config_.dropout_rate < 1.0))
-      throw std::invalid_argument(n + ": dropout_rate must be in [0, 1), got " + std::to_string(config_.dropout_rate));
-    if (!config_.attention_fn) throw std::invalid_argument(n + ": attention_fn is empty");
-    if (!config_.kernel_init) throw std::invalid_argument(n + ": kernel_init is empty");
-    if (config_.use_bias && !config_.bias_init) throw std::invalid_argument(n + ": bias_init is empty");
+      throw linen::invalid_argument(n + ": dropout_rate must be in [0, 1), got " + std::to_string(config_.dropout_rate));
+    if (!config_.attention_fn) throw linen::invalid_argument(n + ": attention_fn is empty");
+    if (!config_.kernel_init) throw linen::invalid_argument(n + ": kernel_init is empty");
+    if (config_.use_bias && !config_.bias_init) throw linen::invalid_argument(n + ": bias_init is empty");
   }
 
  public:
@@ -235,7 +235,7 @@ class MultiHeadDotProductAttention {
                                                   const XK& inputs_k, const XV& inputs_v,
                                                   const CallOptions<T>& call = {}) const {
     if (config_.decode)
-      throw std::invalid_argument(name() + ": decode=true updates the cache: pass the variables mutable");
+      throw linen::invalid_argument(name() + ": decode=true updates the cache: pass the variables mutable");
     return apply_impl(variables.params, nullptr, inputs_q, inputs_k, inputs_v, call);
   }
   // The mutable overloads: the decode cache is updated in place.
@@ -255,7 +255,7 @@ class MultiHeadDotProductAttention {
   Tensor<T, detail::signature_traits<XQ>::rank> apply(Variables& variables, const XQ& inputs_q, const XK& inputs_k,
                                                   const XV& inputs_v, const CallOptions<T>& call = {}) const {
     if (config_.decode && !variables.cache)
-      throw std::invalid_argument(name() + ": decode=true needs variables.cache (make it with init)");
+      throw linen::invalid_argument(name() + ": decode=true needs variables.cache (make it with init)");
     return apply_impl(variables.params, config_.decode ? &*variables.cache : nullptr, inputs_q, inputs_k,
                       inputs_v, call);
   }
@@ -266,7 +266,7 @@ class MultiHeadDotProductAttention {
   Tensor<T, detail::signature_traits<XQ>::rank> apply(const Params& params, Cache& cache, const XQ& inputs_q,
                                                   const CallOptions<T>& call = {}) const {
     check_inputs<XQ, XQ, XQ>();
-    if (!config_.decode) throw std::invalid_argument(name() + ": a cache is only used with decode=true");
+    if (!config_.decode) throw linen::invalid_argument(name() + ": a cache is only used with decode=true");
     return apply_impl(params, &cache, inputs_q, inputs_q, inputs_q, call);
   }
 
@@ -292,13 +292,13 @@ class MultiHeadDotProductAttention {
                       !std::is_const_v<std::remove_pointer_t<decltype(out.data())>>,
                   "linen: decode_step's out must be a writable linen::Tensor<T, N> (or TensorMap of one) of "
                   "the inputs' rank");
-    if (!config_.decode) throw std::invalid_argument(name() + ": a cache is only used with decode=true");
+    if (!config_.decode) throw linen::invalid_argument(name() + ": a cache is only used with decode=true");
     DecodeWorkspace<T>& ws = workspace;
     const bool deterministic = resolve_deterministic(call);
     if (!direct_decode(deterministic, call)) {
       const Shape want = decode_out_shape(shape_of(inputs_q));
       if (shape_of(out) != want)
-        throw std::invalid_argument(name() + ": decode_step's out has shape " + to_string(shape_of(out)) +
+        throw linen::invalid_argument(name() + ": decode_step's out has shape " + to_string(shape_of(out)) +
                                     ", expected " + to_string(want));
       const Tensor<T, N> y = apply_impl(params, &cache, inputs_q, inputs_q, inputs_q, call);
       std::copy(y.data(), y.data() + y.size(), out.data());
@@ -348,7 +348,7 @@ class MultiHeadDotProductAttention {
       check_out(params, dh, fq);
       const Shape want = decode_out_shape(qs);
       if (shape_of(out) != want)
-        throw std::invalid_argument(name() + ": decode_step's out has shape " + to_string(shape_of(out)) +
+        throw linen::invalid_argument(name() + ": decode_step's out has shape " + to_string(shape_of(out)) +
                                     ", expected " + to_string(want));
       if (call.mask) {
         MaskPlan plan = mask_plan(call.mask, batch, 1, cache.max_length());
@@ -388,10 +388,10 @@ class MultiHeadDotProductAttention {
   // parameters loaded from a checkpoint).
   Cache init_cache(const Params& params, const Shape& batch, Index max_length) const {
     if (max_length <= 0)
-      throw std::invalid_argument(name() + ": max_length must be positive, got " + std::to_string(max_length));
+      throw linen::invalid_argument(name() + ": max_length must be positive, got " + std::to_string(max_length));
     const Shape ks = shape_of(params.key.kernel);
     if (ks[1] != config_.num_heads)
-      throw std::invalid_argument(name() + ": key/kernel has shape " + to_string(ks) + ", num_heads is " +
+      throw linen::invalid_argument(name() + ": key/kernel has shape " + to_string(ks) + ", num_heads is " +
                                   std::to_string(config_.num_heads));
     Cache c;
     c.batch = batch;
@@ -408,7 +408,7 @@ class MultiHeadDotProductAttention {
   Index head_dim(Index q_features) const {
     const Index f = qkv_features(q_features);
     if (f % config_.num_heads != 0)
-      throw std::invalid_argument(name() + ": Memory dimension (" + std::to_string(f) +
+      throw linen::invalid_argument(name() + ": Memory dimension (" + std::to_string(f) +
                                   ") must be divisible by number of heads (" + std::to_string(config_.num_heads) + ")");
     return f / config_.num_heads;
   }
@@ -469,13 +469,13 @@ class MultiHeadDotProductAttention {
       return a.size() == b.size() && std::equal(a.begin(), a.end() - 2, b.begin());
     };
     if (!same_batch(q, k) || !same_batch(q, v))
-      throw std::invalid_argument(n + ": inputs must share their batch dims [batch..., length, features]; inputs_q " +
+      throw linen::invalid_argument(n + ": inputs must share their batch dims [batch..., length, features]; inputs_q " +
                                   to_string(q) + ", inputs_k " + to_string(k) + ", inputs_v " + to_string(v));
     if (k[k.size() - 2] != v[v.size() - 2])
-      throw std::invalid_argument(n + ": inputs_k and inputs_v lengths differ: " + to_string(k) + " vs " + to_string(v));
+      throw linen::invalid_argument(n + ": inputs_k and inputs_v lengths differ: " + to_string(k) + " vs " + to_string(v));
     for (const Shape* s : {&q, &k, &v})
       if (s->back() <= 0)
-        throw std::invalid_argument(n + ": input features must be positive, got shape " + to_string(*s));
+        throw linen::invalid_argument(n + ": input features must be positive, got shape " + to_string(*s));
   }
 
   Variables init_impl(const random::Key& root, const Shape& qs, const Shape& ks, const Shape& vs) const {
@@ -533,19 +533,19 @@ class MultiHeadDotProductAttention {
                         const char* which) const {
     const Shape kexp{xs.back(), d.config().features[0], d.config().features[1]};
     if (shape_of(p.kernel) != kexp)
-      throw std::invalid_argument(name() + ": " + which + "/kernel has shape " + to_string(shape_of(p.kernel)) +
+      throw linen::invalid_argument(name() + ": " + which + "/kernel has shape " + to_string(shape_of(p.kernel)) +
                                   ", inputs of shape " + to_string(xs) + " need " + to_string(kexp));
     d.check_params(p, xs);
   }
   void check_norm(const LayerNormParams<ParamT>& p, Index dh, const char* which) const {
     if (p.scale.dimension(0) != dh)
-      throw std::invalid_argument(name() + ": " + which + "/scale has shape " + to_string(shape_of(p.scale)) +
+      throw linen::invalid_argument(name() + ": " + which + "/scale has shape " + to_string(shape_of(p.scale)) +
                                   ", expected (" + std::to_string(dh) + ",)");
   }
   void check_out(const Params& params, Index dh, Index fq) const {
     const Index H = config_.num_heads;
     if (shape_of(params.out.kernel) != Shape{H, dh, out_features(fq)})
-      throw std::invalid_argument(name() + ": out/kernel has shape " + to_string(shape_of(params.out.kernel)) +
+      throw linen::invalid_argument(name() + ": out/kernel has shape " + to_string(shape_of(params.out.kernel)) +
                                   ", expected " + to_string(Shape{H, dh, out_features(fq)}));
     out_dense(fq).check_params(params.out, Shape{1, H, dh});
   }
@@ -558,10 +558,10 @@ class MultiHeadDotProductAttention {
     Shape got = batch;
     got.insert(got.end(), {lq, config_.num_heads, dh});
     if (expected != got || num_elements(cache.batch) != cshape[0])
-      throw std::invalid_argument(n + ": Autoregressive cache shape error, expected query shape " +
+      throw linen::invalid_argument(n + ": Autoregressive cache shape error, expected query shape " +
                                   to_string(expected) + " instead got " + to_string(got) + ".");
     if (shape_of(cache.cached_value) != cshape)
-      throw std::invalid_argument(n + ": cached_value has shape " + to_string(shape_of(cache.cached_value)) +
+      throw linen::invalid_argument(n + ": cached_value has shape " + to_string(shape_of(cache.cached_value)) +
                                   ", cached_key " + to_string(cshape));
   }
   void check_cache_index(const Cache& cache) const {
@@ -576,12 +576,12 @@ class MultiHeadDotProductAttention {
   bool resolve_deterministic(const CallOptions<T>& call) const {
     if (!(config_.dropout_rate > 0.0)) return true;
     if (config_.deterministic && call.deterministic)
-      throw std::invalid_argument(name() + ": Parameter \"deterministic\" was passed to the constructor and at call time. Should be passed just once.");
+      throw linen::invalid_argument(name() + ": Parameter \"deterministic\" was passed to the constructor and at call time. Should be passed just once.");
     if (!config_.deterministic && !call.deterministic)
-      throw std::invalid_argument(name() + ": Parameter \"deterministic\" must be passed to the constructor or at call time.");
+      throw linen::invalid_argument(name() + ": Parameter \"deterministic\" must be passed to the constructor or at call time.");
     const bool deterministic = config_.deterministic ? *config_.deterministic : *call.deterministic;
     if (!deterministic && !call.dropout_rng)
-      throw std::invalid_argument(name() + ": dropout_rate=" + std::to_string(config_.dropout_rate) +
+      throw linen::invalid_argument(name() + ": dropout_rate=" + std::to_string(config_.dropout_rate) +
                                   " with deterministic=false needs a dropout_rng");
     return deterministic;
   }
@@ -881,7 +881,7 @@ class MultiHeadDotProductAttention {
     const Tensor<T, 4> x = config_.attention_fn(query, *k_used, *v_used, opt);
     const Shape want{B, lq, H, dh};
     if (shape_of(x) != want)
-      throw std::invalid_argument(n + ": attention_fn returned shape " + to_string(shape_of(x)) + ", expected " +
+      throw linen::invalid_argument(n + ": attention_fn returned shape " + to_string(shape_of(x)) + ", expected " +
                                   to_string(want));
     undo.disarm();
     project_out(params, x.data(), B * lq, y.data(), nullptr, cache != nullptr);

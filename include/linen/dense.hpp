@@ -14,8 +14,9 @@
 #include <Eigen/Core>
 
 #include "detail/broadcast.hpp"
-#include "dot_product_attention.hpp"  // Precision
+#include "errors.hpp"
 #include "initializers.hpp"
+#include "precision.hpp"
 #include "random.hpp"
 #include "tensor.hpp"
 
@@ -64,7 +65,7 @@ class DenseGeneral {
   explicit DenseGeneral(Config config) : config_(std::move(config)) {
     for (Index f : config_.features)
       if (f <= 0)
-        throw std::invalid_argument("DenseGeneral: features must be positive, got " +
+        throw linen::invalid_argument("DenseGeneral: features must be positive, got " +
                                     to_string(Shape(config_.features.begin(), config_.features.end())));
   }
   const Config& config() const { return config_; }
@@ -79,7 +80,7 @@ class DenseGeneral {
     Index in = 1, out = 1;
     for (int i = 0; i < Axes; ++i) {
       if (in_dims[i] <= 0)
-        throw std::invalid_argument("DenseGeneral: input feature dims must be positive, got " +
+        throw linen::invalid_argument("DenseGeneral: input feature dims must be positive, got " +
                                     to_string(Shape(in_dims.begin(), in_dims.end())));
       kdims[i] = in_dims[i];
       in *= in_dims[i];
@@ -89,10 +90,10 @@ class DenseGeneral {
       out *= config_.features[i];
     }
     p.kernel.resize(kdims);
-    if (!config_.kernel_init) throw std::invalid_argument("DenseGeneral: kernel_init is empty");
+    if (!config_.kernel_init) throw linen::invalid_argument("DenseGeneral: kernel_init is empty");
     config_.kernel_init(kernel_key, Shape{in, out}, p.kernel.data());
     if (config_.use_bias) {
-      if (!config_.bias_init) throw std::invalid_argument("DenseGeneral: bias_init is empty");
+      if (!config_.bias_init) throw linen::invalid_argument("DenseGeneral: bias_init is empty");
       p.bias.resize(config_.features);
       config_.bias_init(bias_key, Shape{out}, p.bias.data());
     }
@@ -183,13 +184,13 @@ class DenseGeneral {
     Shape kexp(xs.end() - Axes, xs.end());
     kexp.insert(kexp.end(), config_.features.begin(), config_.features.end());
     if (shape_of(p.kernel) != kexp)
-      throw std::invalid_argument("DenseGeneral: kernel of shape " + to_string(shape_of(p.kernel)) +
+      throw linen::invalid_argument("DenseGeneral: kernel of shape " + to_string(shape_of(p.kernel)) +
                                   " does not fit input of shape " + to_string(xs) + " (expected kernel " +
                                   to_string(kexp) + ")");
     if (config_.use_bias) {
       const Shape bexp(config_.features.begin(), config_.features.end());
       if (shape_of(p.bias) != bexp)
-        throw std::invalid_argument("DenseGeneral: bias of shape " + to_string(shape_of(p.bias)) +
+        throw linen::invalid_argument("DenseGeneral: bias of shape " + to_string(shape_of(p.bias)) +
                                     ", expected " + to_string(bexp));
     }
   }

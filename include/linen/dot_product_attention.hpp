@@ -33,14 +33,11 @@
 #include "detail/broadcast.hpp"
 #include "detail/fused_attention.hpp"
 #include "dropout_rng.hpp"
+#include "errors.hpp"
+#include "precision.hpp"
 #include "tensor.hpp"
 
 namespace linen {
-
-// jax.lax.Precision. On CPU, XLA computes float32 dot products in float32 for every
-// precision setting, and so does linen; half types always accumulate in float32. The field
-// is kept so that a Flax configuration ports unchanged.
-enum class Precision { Default, High, Highest };
 
 // Which code computes dot_product_attention.
 //   Auto:      Fused, unless sow_weights is set (sowing needs the weights: Reference).
@@ -123,20 +120,20 @@ struct AttentionDims {
 inline AttentionDims check_qk(const Shape& q, const Shape& k, const char* fn) {
   const std::string f = fn;
   if (q.size() < 3)
-    throw std::invalid_argument(f + ": query must be [batch..., q_length, num_heads, depth], got shape " +
+    throw linen::invalid_argument(f + ": query must be [batch..., q_length, num_heads, depth], got shape " +
                                 to_string(q));
   if (q.size() != k.size())
-    throw std::invalid_argument(f + ": q, k must have the same rank; query " + to_string(q) +
+    throw linen::invalid_argument(f + ": q, k must have the same rank; query " + to_string(q) +
                                 ", key " + to_string(k));
   const std::size_t r = q.size();
   if (!std::equal(q.begin(), q.end() - 3, k.begin()))
-    throw std::invalid_argument(f + ": q, k batch dims must match; query " + to_string(q) +
+    throw linen::invalid_argument(f + ": q, k batch dims must match; query " + to_string(q) +
                                 ", key " + to_string(k));
   if (q[r - 2] != k[r - 2])
-    throw std::invalid_argument(f + ": q, k num_heads must match; query " + to_string(q) +
+    throw linen::invalid_argument(f + ": q, k num_heads must match; query " + to_string(q) +
                                 ", key " + to_string(k));
   if (q[r - 1] != k[r - 1])
-    throw std::invalid_argument(f + ": q, k depths must match; query " + to_string(q) + ", key " +
+    throw linen::invalid_argument(f + ": q, k depths must match; query " + to_string(q) + ", key " +
                                 to_string(k));
   AttentionDims d;
   d.batch.assign(q.begin(), q.end() - 3);
@@ -154,16 +151,16 @@ inline AttentionDims check_qkv(const Shape& q, const Shape& k, const Shape& v, c
   const std::string f = fn;
   const std::size_t r = q.size();
   if (v.size() != r)
-    throw std::invalid_argument(f + ": q, k, v must have the same rank; query " + to_string(q) +
+    throw linen::invalid_argument(f + ": q, k, v must have the same rank; query " + to_string(q) +
                                 ", value " + to_string(v));
   if (!std::equal(q.begin(), q.end() - 3, v.begin()))
-    throw std::invalid_argument(f + ": q, k, v batch dims must match; query " + to_string(q) +
+    throw linen::invalid_argument(f + ": q, k, v batch dims must match; query " + to_string(q) +
                                 ", value " + to_string(v));
   if (v[r - 2] != q[r - 2])
-    throw std::invalid_argument(f + ": q, k, v num_heads must match; query " + to_string(q) +
+    throw linen::invalid_argument(f + ": q, k, v num_heads must match; query " + to_string(q) +
                                 ", value " + to_string(v));
   if (v[r - 3] != k[r - 3])
-    throw std::invalid_argument(f + ": k, v lengths must match; key " + to_string(k) + ", value " +
+    throw linen::invalid_argument(f + ": k, v lengths must match; key " + to_string(k) + ", value " +
                                 to_string(v));
   d.Dv = v[r - 1];
   return d;
@@ -197,7 +194,7 @@ struct Broadcast {
 template <class T>
 void check_dropout(const AttentionOptions<T>& o, const char* fn) {
   if (!(o.dropout_rate >= 0.0 && o.dropout_rate < 1.0))
-    throw std::invalid_argument(std::string(fn) + ": dropout_rate must be in [0, 1), got " +
+    throw linen::invalid_argument(std::string(fn) + ": dropout_rate must be in [0, 1), got " +
                                 std::to_string(o.dropout_rate));
 }
 
@@ -209,7 +206,7 @@ bool draw_keep_mask(const AttentionDims& d, const AttentionOptions<T>& o, std::v
                     const std::string& f) {
   if (o.deterministic || !(o.dropout_rate > 0.0)) return false;
   if (!o.dropout_rng)
-    throw std::invalid_argument(f + ": dropout_rate=" + std::to_string(o.dropout_rate) +
+    throw linen::invalid_argument(f + ": dropout_rate=" + std::to_string(o.dropout_rate) +
                                 " with deterministic=false needs a dropout_rng");
   const Shape w = d.weights_shape();
   Shape keep_shape;
@@ -347,7 +344,7 @@ void attention_fused(const AttentionDims& d, const T* query, const T* key, const
   check_dropout(o, fn);
   const std::string f = fn;
   if (o.sow_weights)
-    throw std::invalid_argument(f + ": implementation=Fused cannot sow the attention weights; "
+    throw linen::invalid_argument(f + ": implementation=Fused cannot sow the attention weights; "
                                     "use Implementation::Auto or Implementation::Reference");
   const Broadcast<T> bias(o.bias, d, (f + ": bias").c_str());
   const Broadcast<bool> mask(o.mask, d, (f + ": mask").c_str());
@@ -469,7 +466,7 @@ dot_product_attention(
                                    "dot_product_attention");
   if (options.implementation != Implementation::Auto && options.implementation != Implementation::Reference &&
       options.implementation != Implementation::Fused)
-    throw std::invalid_argument("dot_product_attention: unknown Implementation " +
+    throw linen::invalid_argument("dot_product_attention: unknown Implementation " +
                                 std::to_string(static_cast<int>(options.implementation)));
   Tensor<T, N> out(to_dims<N>(d.output_shape()));
   const bool fused = options.implementation == Implementation::Fused ||

@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "errors.hpp"
 #include "tensor.hpp"
 
 namespace linen {
@@ -103,7 +104,7 @@ class DropoutRng {
 
   // Draws a keep mask of `shape` into `keep`; throws std::invalid_argument when empty.
   void operator()(double keep_prob, const Shape& shape, bool* keep) const {
-    if (!fn_) throw std::invalid_argument("linen: dropout needs a dropout_rng, none was given");
+    if (!fn_) throw linen::invalid_argument("linen: dropout needs a dropout_rng, none was given");
     fn_(keep_prob, shape, keep);
   }
 

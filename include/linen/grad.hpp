@@ -49,11 +49,13 @@
 #include <unsupported/Eigen/CXX11/ThreadPool>
 
 #include "attention.hpp"
+#include "config.hpp"
 #include "dense.hpp"
 #include "detail/broadcast.hpp"
 #include "detail/grad_attention.hpp"
 #include "detail/grad_layers.hpp"
 #include "dot_product_attention.hpp"
+#include "errors.hpp"
 #include "layer_norm.hpp"
 #include "tensor.hpp"
 
@@ -100,11 +102,11 @@ namespace detail {
 
 inline void check_grad_options(const GradOptions& g, const std::string& fn) {
   if (g.block_q <= 0 || g.block_k <= 0)
-    throw std::invalid_argument(fn + ": GradOptions block_q and block_k must be positive, got block_q=" +
+    throw linen::invalid_argument(fn + ": GradOptions block_q and block_k must be positive, got block_q=" +
                                 std::to_string(g.block_q) + ", block_k=" + std::to_string(g.block_k));
   if (g.implementation != Implementation::Auto && g.implementation != Implementation::Reference &&
       g.implementation != Implementation::Fused)
-    throw std::invalid_argument(fn + ": unknown Implementation " + std::to_string(static_cast<int>(g.implementation)));
+    throw linen::invalid_argument(fn + ": unknown Implementation " + std::to_string(static_cast<int>(g.implementation)));
 }
 
 // Auto resolved: Fused unless the weights are to be sown.
@@ -119,7 +121,7 @@ void check_cotangent(const X& ct, const Shape& expected, const std::string& fn) 
                 "linen: the cotangent must have the output's element type");
   static_assert(tensor_traits<X>::rank == N, "linen: the cotangent must have the output's rank");
   if (shape_of(ct) != expected)
-    throw std::invalid_argument(fn + ": cotangent has shape " + to_string(shape_of(ct)) +
+    throw linen::invalid_argument(fn + ": cotangent has shape " + to_string(shape_of(ct)) +
                                 ", the output's shape is " + to_string(expected));
 }
 
@@ -137,9 +139,7 @@ inline Shape keep_shape(const AttentionDims& d, bool broadcast_dropout) {
 // A DropoutRng that hands out a mask already drawn (the tape's), checking the shape.
 inline DropoutRng replay_keep(const bool* keep, const Shape& shape) {
   return DropoutRng([keep, shape](double, const Shape& s, bool* out) {
-    if (num_elements(s) != num_elements(shape))
-      throw std::logic_error("linen: dropout keep mask of shape " + to_string(s) + " requested, the tape holds " +
-                             to_string(shape));
+    LINEN_ASSERT(num_elements(s) == num_elements(shape));  // the tape drew this very mask
     std::copy(keep, keep + num_elements(shape), out);
   });
 }
@@ -201,7 +201,7 @@ dot_product_attention_vjp(const Q& query, const K& key, const V& value, const G&
                                                                                    : options.implementation;
   const bool fused = detail::use_fused(impl, static_cast<bool>(options.sow_weights));
   if (fused && options.sow_weights)
-    throw std::invalid_argument(fn + ": implementation=Fused cannot sow the attention weights; use "
+    throw linen::invalid_argument(fn + ": implementation=Fused cannot sow the attention weights; use "
                                 "Implementation::Reference (or Auto)");
   Eigen::ThreadPoolInterface* pool = grad_options.thread_pool ? grad_options.thread_pool : options.thread_pool;
   // Validate mask and bias before drawing any dropout bits.
@@ -223,7 +223,7 @@ dot_product_attention_vjp(const Q& query, const K& key, const V& value, const G&
   Shape keep_shape;
   if (!options.deterministic && options.dropout_rate > 0.0) {
     if (!options.dropout_rng)
-      throw std::invalid_argument(fn + ": dropout_rate=" + std::to_string(options.dropout_rate) +
+      throw linen::invalid_argument(fn + ": dropout_rate=" + std::to_string(options.dropout_rate) +
                                   " with deterministic=false needs a dropout_rng");
     keep_shape = detail::keep_shape(d, options.broadcast_dropout);
     keep.resize(num_elements(keep_shape));
@@ -601,7 +601,7 @@ void check_attention_inputs() {
 template <int R, class P>
 void check_param(const Tensor<P, R>& t, const Shape& expected, const std::string& module, const char* path) {
   if (shape_of(t) != expected)
-    throw std::invalid_argument(module + ": " + path + " has shape " + to_string(shape_of(t)) + ", expected " +
+    throw linen::invalid_argument(module + ": " + path + " has shape " + to_string(shape_of(t)) + ", expected " +
                                 to_string(expected));
 }
 
@@ -620,10 +620,10 @@ attention_module_vjp(const MultiHeadDotProductAttention<T, ParamT>& module, cons
   const auto& cfg = module.config();
   check_grad_options(options, name);
   if (cfg.decode)
-    throw std::invalid_argument(name + ": vjp does not differentiate decode=true (the cache is for inference); "
+    throw linen::invalid_argument(name + ": vjp does not differentiate decode=true (the cache is for inference); "
                                 "train the module with decode=false and a causal mask");
   if (cfg.attention_fn.template target<DotProductAttention>() == nullptr)
-    throw std::invalid_argument(name + ": vjp differentiates the default attention_fn (linen::dot_product_attention) "
+    throw linen::invalid_argument(name + ": vjp differentiates the default attention_fn (linen::dot_product_attention) "
                                 "only; this module's attention_fn is another callable");
 
   AttentionTape<T, ParamT, I, N> t;
@@ -638,14 +638,14 @@ attention_module_vjp(const MultiHeadDotProductAttention<T, ParamT>& module, cons
   t.xs_v = shape_of(inputs_v);
   const Shape &qs = t.xs_q, &ks = t.xs_k, &vs = t.xs_v;
   if (!std::equal(qs.begin(), qs.end() - 2, ks.begin()) || !std::equal(qs.begin(), qs.end() - 2, vs.begin()))
-    throw std::invalid_argument(name + ": inputs must share their batch dims [batch..., length, features]; inputs_q " +
+    throw linen::invalid_argument(name + ": inputs must share their batch dims [batch..., length, features]; inputs_q " +
                                 to_string(qs) + ", inputs_k " + to_string(ks) + ", inputs_v " + to_string(vs));
   if (ks[ks.size() - 2] != vs[vs.size() - 2])
-    throw std::invalid_argument(name + ": inputs_k and inputs_v lengths differ: " + to_string(ks) + " vs " +
+    throw linen::invalid_argument(name + ": inputs_k and inputs_v lengths differ: " + to_string(ks) + " vs " +
                                 to_string(vs));
   for (const Shape* s : {&qs, &ks, &vs})
     if (s->back() <= 0)
-      throw std::invalid_argument(name + ": input features must be positive, got shape " + to_string(*s));
+      throw linen::invalid_argument(name + ": input features must be positive, got shape " + to_string(*s));
 
   const Index H = cfg.num_heads;
   t.fq = qs.back();
@@ -682,12 +682,12 @@ attention_module_vjp(const MultiHeadDotProductAttention<T, ParamT>& module, cons
   bool deterministic = true;
   if (cfg.dropout_rate > 0.0) {
     if (cfg.deterministic && call.deterministic)
-      throw std::invalid_argument(name + ": Parameter \"deterministic\" was passed to the constructor and at call time. Should be passed just once.");
+      throw linen::invalid_argument(name + ": Parameter \"deterministic\" was passed to the constructor and at call time. Should be passed just once.");
     if (!cfg.deterministic && !call.deterministic)
-      throw std::invalid_argument(name + ": Parameter \"deterministic\" must be passed to the constructor or at call time.");
+      throw linen::invalid_argument(name + ": Parameter \"deterministic\" must be passed to the constructor or at call time.");
     deterministic = cfg.deterministic ? *cfg.deterministic : *call.deterministic;
     if (!deterministic && !call.dropout_rng)
-      throw std::invalid_argument(name + ": dropout_rate=" + std::to_string(cfg.dropout_rate) +
+      throw linen::invalid_argument(name + ": dropout_rate=" + std::to_string(cfg.dropout_rate) +
                                   " with deterministic=false needs a dropout_rng");
   }
   if (call.mask) {
@@ -699,7 +699,7 @@ attention_module_vjp(const MultiHeadDotProductAttention<T, ParamT>& module, cons
   }
   const bool fused = use_fused(options.implementation, static_cast<bool>(call.sow_weights));
   if (fused && call.sow_weights)
-    throw std::invalid_argument(name + ": implementation=Fused cannot sow the attention weights; use "
+    throw linen::invalid_argument(name + ": implementation=Fused cannot sow the attention weights; use "
                                 "Implementation::Reference (or Auto)");
   t.fused = fused;
 

@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "errors.hpp"
 #include "random.hpp"
 #include "tensor.hpp"
 
@@ -74,7 +75,7 @@ void check_fill_type() {
 inline Index checked_size(const Shape& shape, const void* out, const char* name) {
   const Index n = num_elements(shape);
   if (out == nullptr && n > 0)
-    throw std::invalid_argument(std::string("linen::initializers::") + name + ": null output buffer for shape " +
+    throw linen::invalid_argument(std::string("linen::initializers::") + name + ": null output buffer for shape " +
                                 to_string(shape));
   return n;
 }
@@ -190,19 +191,19 @@ inline Fans compute_fans(const Shape& shape, const std::vector<int>& in_axis = {
                          const std::vector<int>& out_axis = {-1}, const std::vector<int>& batch_axis = {}) {
   const int rank = static_cast<int>(shape.size());
   if (rank < 2)
-    throw std::invalid_argument("linen::initializers: can't compute input and output sizes of a " +
+    throw linen::invalid_argument("linen::initializers: can't compute input and output sizes of a " +
                                 std::to_string(rank) + "-dimensional weights tensor " + to_string(shape) +
                                 ". Must be at least 2D.");
   const auto size_of = [&](const std::vector<int>& axes, const char* what) {
     double s = 1;
     for (int a : axes) {
       if (a < -rank || a >= rank)
-        throw std::invalid_argument(std::string("linen::initializers: ") + what + " " + std::to_string(a) +
+        throw linen::invalid_argument(std::string("linen::initializers: ") + what + " " + std::to_string(a) +
                                     " is out of range for shape " + to_string(shape));
       s *= static_cast<double>(shape[static_cast<std::size_t>(a < 0 ? a + rank : a)]);
     }
     if (s == 0)
-      throw std::invalid_argument(std::string("linen::initializers: the ") + what + " size of shape " +
+      throw linen::invalid_argument(std::string("linen::initializers: the ") + what + " size of shape " +
                                   to_string(shape) + " is zero");
     return s;
   };
@@ -234,7 +235,7 @@ struct variance_scaling {
     detail::check_random_type<P>();
     const Index n = detail::checked_size(shape, out, "variance_scaling");
     if (!(scale >= 0.0) || !std::isfinite(scale))
-      throw std::invalid_argument("linen::initializers::variance_scaling: scale must be a finite value >= 0, got " +
+      throw linen::invalid_argument("linen::initializers::variance_scaling: scale must be a finite value >= 0, got " +
                                   std::to_string(scale));
     const Fans fans = compute_fans(shape, in_axis, out_axis, batch_axis);
     double denominator = fans.fan_in;
@@ -258,7 +259,7 @@ struct variance_scaling {
         detail::scale_by(out, n, detail::sqrt_of(static_cast<P>(P(3.0f) * variance)));
         return;
     }
-    throw std::invalid_argument("linen::initializers::variance_scaling: invalid distribution " +
+    throw linen::invalid_argument("linen::initializers::variance_scaling: invalid distribution " +
                                 std::to_string(static_cast<int>(distribution)));
   }
 };

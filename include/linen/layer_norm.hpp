@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "detail/broadcast.hpp"
+#include "errors.hpp"
 #include "initializers.hpp"
 #include "random.hpp"
 #include "tensor.hpp"
@@ -46,13 +47,13 @@ class LayerNorm {
   LayerNorm() = default;
   explicit LayerNorm(Config config) : config_(std::move(config)) {
     if (!(config_.epsilon >= 0))
-      throw std::invalid_argument("LayerNorm: epsilon must be >= 0, got " + std::to_string(config_.epsilon));
+      throw linen::invalid_argument("LayerNorm: epsilon must be >= 0, got " + std::to_string(config_.epsilon));
   }
   const Config& config() const { return config_; }
 
   // Flax creates `scale` first, then `bias`, each [features].
   Params init(Index features, random::Key scale_key, random::Key bias_key) const {
-    if (features <= 0) throw std::invalid_argument("LayerNorm: features must be positive, got " + std::to_string(features));
+    if (features <= 0) throw linen::invalid_argument("LayerNorm: features must be positive, got " + std::to_string(features));
     Params p;
     if (config_.use_scale) {
       p.scale.resize(features);
@@ -79,7 +80,7 @@ class LayerNorm {
   // The same over raw row-major memory; `y` may alias `x` when both are T.
   template <class I>
   void apply_raw(const Params& p, const I* x, const Shape& xs, T* y) const {
-    if (xs.empty()) throw std::invalid_argument("LayerNorm: input must have at least one dim");
+    if (xs.empty()) throw linen::invalid_argument("LayerNorm: input must have at least one dim");
     const Index f = xs.back();
     check_params(p, f);
     apply_rows(p, x, f ? num_elements(xs) / f : 0, f, y);
@@ -125,10 +126,10 @@ class LayerNorm {
 
   void check_params(const Params& p, Index features) const {
     if (config_.use_scale && p.scale.dimension(0) != features)
-      throw std::invalid_argument("LayerNorm: scale of shape " + to_string(shape_of(p.scale)) +
+      throw linen::invalid_argument("LayerNorm: scale of shape " + to_string(shape_of(p.scale)) +
                                   " does not fit " + std::to_string(features) + " features");
     if (config_.use_bias && p.bias.dimension(0) != features)
-      throw std::invalid_argument("LayerNorm: bias of shape " + to_string(shape_of(p.bias)) +
+      throw linen::invalid_argument("LayerNorm: bias of shape " + to_string(shape_of(p.bias)) +
                                   " does not fit " + std::to_string(features) + " features");
   }
 

@@ -10,6 +10,7 @@
 #include "config.hpp"
 #include "errors.hpp"
 #include "tensor.hpp"
+#include "precision.hpp"
 #include "dropout_rng.hpp"
 #include "random.hpp"
 #include "initializers.hpp"

@@ -37,6 +37,7 @@
 #include "detail/random_math.hpp"
 #include "detail/sha1.hpp"
 #include "dropout_rng.hpp"  // detail::is_urbg, detail::draw_u32
+#include "errors.hpp"
 #include "tensor.hpp"
 
 namespace linen::random {
@@ -113,7 +114,7 @@ namespace detail {
 
 inline void check_out(const void* out, Index n, const char* fn, const Shape& shape) {
   if (out == nullptr && n > 0)
-    throw std::invalid_argument(std::string("linen::random::") + fn + ": null output buffer for shape " +
+    throw linen::invalid_argument(std::string("linen::random::") + fn + ": null output buffer for shape " +
                                 to_string(shape));
 }
 
@@ -231,7 +232,7 @@ void uniform(const Key& k, const Shape& shape, T minval, T maxval, T* out) {
   using Eigen::numext::isfinite;
   if (!isfinite(minval) || !isfinite(maxval) || !(minval <= maxval) ||
       !isfinite(static_cast<T>(maxval - minval)))
-    throw std::invalid_argument("linen::random::uniform: need finite minval <= maxval, got [" +
+    throw linen::invalid_argument("linen::random::uniform: need finite minval <= maxval, got [" +
                                 detail::num(minval) + ", " + detail::num(maxval) + ") for shape " +
                                 to_string(shape));
   detail::uniform_unchecked(k, n, minval, maxval, out);
@@ -274,7 +275,7 @@ void truncated_normal(const Key& k, T lower, T upper, const Shape& shape, T* out
   const Index n = num_elements(shape);
   detail::check_out(out, n, "truncated_normal", shape);
   if (!(lower < upper))
-    throw std::invalid_argument("linen::random::truncated_normal: need lower < upper, got (" +
+    throw linen::invalid_argument("linen::random::truncated_normal: need lower < upper, got (" +
                                 detail::num(lower) + ", " + detail::num(upper) + ") for shape " +
                                 to_string(shape));
   const T sqrt2 = linen::detail::round_from_double<T>(std::sqrt(2.0));
@@ -303,7 +304,7 @@ inline void bernoulli(const Key& k, double p, const Shape& shape, bool* out) {
   const Index n = num_elements(shape);
   detail::check_out(out, n, "bernoulli", shape);
   if (!(p >= 0.0 && p <= 1.0))
-    throw std::invalid_argument("linen::random::bernoulli: p must lie in [0, 1], got " + std::to_string(p) +
+    throw linen::invalid_argument("linen::random::bernoulli: p must lie in [0, 1], got " + std::to_string(p) +
                                 " for shape " + to_string(shape));
   const auto pf = static_cast<float>(p);
   for (Index i = 0; i < n; ++i) out[i] = detail::unit_at<float>(k, i) < pf;
@@ -380,7 +381,7 @@ inline Key fold_in_static(const Key& rng, const std::vector<RngFoldable>& data, 
 inline Key flax_rng(const Key& root, const std::vector<std::string>& module_path, std::uint64_t counter,
                     bool fix_rng_separator = false) {
   if (counter == 0)
-    throw std::invalid_argument("linen::random::flax_rng: Flax counts rng draws from 1, got counter 0");
+    throw linen::invalid_argument("linen::random::flax_rng: Flax counts rng draws from 1, got counter 0");
   std::vector<RngFoldable> suffix(module_path.begin(), module_path.end());
   suffix.emplace_back(counter);
   return fold_in_static(root, suffix, fix_rng_separator);

@@ -16,6 +16,8 @@
 
 #include <unsupported/Eigen/CXX11/Tensor>
 
+#include "errors.hpp"
+
 namespace linen {
 
 using Index = Eigen::Index;
@@ -89,9 +91,9 @@ Shape shape_of(const Derived& t) {
 inline Index num_elements(const Shape& shape) {
   Index n = 1;
   for (Index d : shape) {
-    if (d < 0) throw std::invalid_argument("linen: negative dimension in shape " + to_string(shape));
+    if (d < 0) throw linen::invalid_argument("linen: negative dimension in shape " + to_string(shape));
     if (d != 0 && n > std::numeric_limits<Index>::max() / d)
-      throw std::overflow_error("linen: element count of shape " + to_string(shape) + " overflows");
+      throw linen::overflow_error("linen: element count of shape " + to_string(shape) + " overflows");
     n *= d;
   }
   return n;
@@ -101,7 +103,7 @@ inline Index num_elements(const Shape& shape) {
 template <int N>
 std::array<Index, N> to_dims(const Shape& shape) {
   if (shape.size() != static_cast<std::size_t>(N))
-    throw std::invalid_argument("linen: expected a rank-" + std::to_string(N) + " shape, got " +
+    throw linen::invalid_argument("linen: expected a rank-" + std::to_string(N) + " shape, got " +
                                 to_string(shape));
   std::array<Index, N> d{};
   for (int i = 0; i < N; ++i) d[i] = shape[i];
@@ -119,7 +121,7 @@ class ArrayRef {
   ArrayRef() = default;
   ArrayRef(const T* data, Shape shape) : data_(data), shape_(std::move(shape)) {
     if (data_ == nullptr && num_elements(shape_) != 0)
-      throw std::invalid_argument("linen: ArrayRef of shape " + to_string(shape_) + " over null data");
+      throw linen::invalid_argument("linen: ArrayRef of shape " + to_string(shape_) + " over null data");
   }
   template <int N>
   ArrayRef(const Tensor<T, N>& t) : data_(t.data()), shape_(shape_of(t)) {}  // NOLINT: implicit
@@ -140,6 +142,45 @@ class ArrayRef {
   const T* data_ = nullptr;
   Shape shape_;
 };
+
+// ---- what counts as a tensor ----------------------------------------------
+
+namespace detail {
+
+// Traits of the tensor types linen's functions accept: a row-major linen::Tensor, or a
+// TensorMap of one (const or not).
+template <class X>
+struct tensor_traits {
+  static constexpr bool value = false;
+};
+template <class T, int N>
+struct tensor_traits<Eigen::Tensor<T, N, Eigen::RowMajor, Index>> {
+  static constexpr bool value = true;
+  using scalar = T;
+  static constexpr int rank = N;
+};
+template <class T, int N, int Opt>
+struct tensor_traits<Eigen::TensorMap<Eigen::Tensor<T, N, Eigen::RowMajor, Index>, Opt>>
+    : tensor_traits<Eigen::Tensor<T, N, Eigen::RowMajor, Index>> {};
+template <class T, int N, int Opt>
+struct tensor_traits<Eigen::TensorMap<const Eigen::Tensor<T, N, Eigen::RowMajor, Index>, Opt>>
+    : tensor_traits<Eigen::Tensor<T, N, Eigen::RowMajor, Index>> {};
+
+template <class X>
+inline constexpr bool is_tensor_v = tensor_traits<X>::value;
+
+// tensor_traits for function signatures: a non-tensor argument gets placeholder traits
+// (float, rank 3), so that the function is still chosen and its static_assert says what
+// is wrong, rather than the compiler reporting that no function matches.
+struct placeholder_tensor_traits {
+  static constexpr bool value = false;
+  using scalar = float;
+  static constexpr int rank = 3;
+};
+template <class X>
+using signature_traits = std::conditional_t<is_tensor_v<X>, tensor_traits<X>, placeholder_tensor_traits>;
+
+}  // namespace detail
 
 }  // namespace linen
 

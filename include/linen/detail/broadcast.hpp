@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../errors.hpp"
 #include "../tensor.hpp"
 
 namespace linen {
@@ -20,7 +21,7 @@ inline std::vector<Index> broadcast_strides(const Shape& source, const Shape& ta
                                             const std::string& what) {
   const std::size_t r = target.size(), m = source.size();
   auto fail = [&] {
-    return std::invalid_argument(what + " of shape " + to_string(source) +
+    return linen::invalid_argument(what + " of shape " + to_string(source) +
                                  " does not broadcast to shape " + to_string(target));
   };
   if (m > r) throw fail();
@@ -48,7 +49,7 @@ inline Shape broadcast_shapes(const Shape& a, const Shape& b, const std::string&
     const Index da = i + a.size() >= r ? a[i + a.size() - r] : 1;
     const Index db = i + b.size() >= r ? b[i + b.size() - r] : 1;
     if (da != db && da != 1 && db != 1)
-      throw std::invalid_argument(what + ": shapes " + to_string(a) + " and " + to_string(b) +
+      throw linen::invalid_argument(what + ": shapes " + to_string(a) + " and " + to_string(b) +
                                   " do not broadcast together");
     out[i] = da == 1 ? db : da;
   }
@@ -74,39 +75,6 @@ inline std::vector<Index> leading_offsets(const Shape& shape, const std::vector<
   }
   return out;
 }
-
-// Traits of the tensor types linen's functions accept: a row-major linen::Tensor, or a
-// TensorMap of one (const or not).
-template <class X>
-struct tensor_traits {
-  static constexpr bool value = false;
-};
-template <class T, int N>
-struct tensor_traits<Eigen::Tensor<T, N, Eigen::RowMajor, Index>> {
-  static constexpr bool value = true;
-  using scalar = T;
-  static constexpr int rank = N;
-};
-template <class T, int N, int Opt>
-struct tensor_traits<Eigen::TensorMap<Eigen::Tensor<T, N, Eigen::RowMajor, Index>, Opt>>
-    : tensor_traits<Eigen::Tensor<T, N, Eigen::RowMajor, Index>> {};
-template <class T, int N, int Opt>
-struct tensor_traits<Eigen::TensorMap<const Eigen::Tensor<T, N, Eigen::RowMajor, Index>, Opt>>
-    : tensor_traits<Eigen::Tensor<T, N, Eigen::RowMajor, Index>> {};
-
-template <class X>
-inline constexpr bool is_tensor_v = tensor_traits<X>::value;
-
-// tensor_traits for function signatures: a non-tensor argument gets placeholder traits
-// (float, rank 3), so that the function is still chosen and its static_assert says what
-// is wrong, rather than the compiler reporting that no function matches.
-struct placeholder_tensor_traits {
-  static constexpr bool value = false;
-  using scalar = float;
-  static constexpr int rank = 3;
-};
-template <class X>
-using signature_traits = std::conditional_t<is_tensor_v<X>, tensor_traits<X>, placeholder_tensor_traits>;
 
 }  // namespace detail
 }  // namespace linen

@@ -62,7 +62,7 @@ AttentionVariables<T, ParamT> load_attention(const Variables& vars, const Attent
   AttentionVariables<T, ParamT> out;
   auto path = [&](const std::string& leaf) { return detail::join_path("params", module_path, leaf); };
   const Index H = config.num_heads;
-  if (H <= 0) throw std::invalid_argument("load_attention: num_heads must be positive");
+  if (H <= 0) throw linen::invalid_argument("load_attention: num_heads must be positive");
   const std::string qk = path("query/kernel");
   const Shape qks = vars.at(qk).shape();
   if (qks.size() != 3 || qks[1] != H || qks[2] <= 0)

@@ -770,7 +770,7 @@ inline Variables load_msgpack(const std::string& file) {
 // array included): parse_msgpack would refuse the image. Throws
 // std::invalid_argument if max_chunk_bytes is 0.
 inline std::vector<std::uint8_t> to_msgpack(const Variables& v, std::size_t max_chunk_bytes = kMsgpackMaxChunkSize) {
-  if (max_chunk_bytes == 0) throw std::invalid_argument("linen::io: to_msgpack: max_chunk_bytes must be positive");
+  if (max_chunk_bytes == 0) throw linen::invalid_argument("linen::io: to_msgpack: max_chunk_bytes must be positive");
   detail::msgpack_node root;
   std::size_t total = 16;
   for (const auto& [path, a] : v) {

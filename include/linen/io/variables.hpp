@@ -53,7 +53,7 @@ inline std::size_t itemsize(DType d) {
     case DType::U64:
       return 8;
   }
-  throw std::invalid_argument("linen::io: invalid DType value " + std::to_string(static_cast<int>(d)));
+  throw linen::invalid_argument("linen::io: invalid DType value " + std::to_string(static_cast<int>(d)));
 }
 
 // safetensors' name of a dtype: "F32", "BF16", "BOOL", ...
@@ -86,7 +86,7 @@ inline const char* safetensors_name(DType d) {
     case DType::BOOL:
       return "BOOL";
   }
-  throw std::invalid_argument("linen::io: invalid DType value " + std::to_string(static_cast<int>(d)));
+  throw linen::invalid_argument("linen::io: invalid DType value " + std::to_string(static_cast<int>(d)));
 }
 
 // numpy's name of a dtype: "float32", "bfloat16", "bool", ... (what Flax msgpack stores).
@@ -119,7 +119,7 @@ inline const char* numpy_name(DType d) {
     case DType::BOOL:
       return "bool";
   }
-  throw std::invalid_argument("linen::io: invalid DType value " + std::to_string(static_cast<int>(d)));
+  throw linen::invalid_argument("linen::io: invalid DType value " + std::to_string(static_cast<int>(d)));
 }
 
 inline constexpr DType kAllDTypes[] = {DType::F16, DType::BF16, DType::F32, DType::F64, DType::I8,
@@ -217,7 +217,7 @@ decltype(auto) visit_dtype(DType d, F&& f) {
     case DType::BOOL:
       return f(type_tag<bool>{});
   }
-  throw std::invalid_argument("linen::io: invalid DType value " + std::to_string(static_cast<int>(d)));
+  throw linen::invalid_argument("linen::io: invalid DType value " + std::to_string(static_cast<int>(d)));
 }
 
 template <class T>
@@ -332,7 +332,7 @@ class Array {
     constexpr DType d = dtype_of<T>();
     const Index n = detail::checked_count(shape, std::string("array of dtype ") + numpy_name(d));
     if (n > 0 && data == nullptr)
-      throw std::invalid_argument("linen::io: Array::from_data of shape " + to_string(shape) + " over null data");
+      throw linen::invalid_argument("linen::io: Array::from_data of shape " + to_string(shape) + " over null data");
     std::vector<std::uint8_t> bytes(static_cast<std::size_t>(n) * sizeof(T));
     for (Index i = 0; i < n; ++i) detail::store_element<T>(bytes.data() + i * static_cast<Index>(sizeof(T)), data[i]);
     return Array(d, std::move(shape), std::move(bytes));
@@ -490,7 +490,7 @@ class Variables {
   template <class T, int N>
   Tensor<T, N> get(const std::string& path, const Shape& expected) const {
     if (expected.size() != static_cast<std::size_t>(N))
-      throw std::invalid_argument("linen::io: get<T, " + std::to_string(N) + ">('" + path +
+      throw linen::invalid_argument("linen::io: get<T, " + std::to_string(N) + ">('" + path +
                                   "') called with an expected shape of rank " + std::to_string(expected.size()) + ": " +
                                   to_string(expected));
     const Array& a = at(path);
@@ -503,7 +503,7 @@ class Variables {
   // an invalid path.
   void set(const std::string& path, Array a) {
     if (auto why = path_error(path))
-      throw std::invalid_argument("linen::io: invalid variable path '" + path + "': " + *why);
+      throw linen::invalid_argument("linen::io: invalid variable path '" + path + "': " + *why);
     tensors_.insert_or_assign(path, std::move(a));
   }
 
@@ -541,7 +541,7 @@ class Variables {
     std::string p = prefix;
     if (p.back() == '/') p.pop_back();
     if (auto why = path_error(p))
-      throw std::invalid_argument("linen::io: invalid merge prefix '" + prefix + "': " + *why);
+      throw linen::invalid_argument("linen::io: invalid merge prefix '" + prefix + "': " + *why);
     for (const auto& [k, a] : v.tensors_) tensors_.insert_or_assign(p + "/" + k, a);
   }
 
