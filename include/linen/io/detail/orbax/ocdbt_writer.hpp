@@ -81,7 +81,6 @@ inline void write_ocdbt_database(const std::filesystem::path& dir,
   const std::string value_file = "d/" + random_hex_name();
   std::vector<std::uint8_t> values;
   std::vector<OcdbtLeafValue> leaves_all;
-  std::uint64_t indirect_bytes = 0;
   for (const auto& [k, v] : kv) {
     OcdbtLeafValue e;
     e.key = k;
@@ -90,7 +89,6 @@ inline void write_ocdbt_database(const std::filesystem::path& dir,
       e.offset = values.size();
       e.length = v.size();
       values.insert(values.end(), v.begin(), v.end());
-      indirect_bytes += v.size();
     } else {
       e.value = v;
     }
