@@ -45,6 +45,8 @@ const std::string kMissingD =
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 #define EXPECT_MESSAGE(msg, part) EXPECT_TRUE(contains((msg), (part))) << "message: " << (msg) << "\nlacks: " << (part)
 
+#if defined(LINEN_HAS_ZSTD) && LINEN_HAS_ZSTD
+
 Bytes read_file(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
   return Bytes(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
@@ -118,8 +120,6 @@ linen::io::OrbaxOptions pick(std::optional<long long> step, const std::string& i
 linen::io::OrbaxOptions item(const std::string& name) { return pick(std::nullopt, name); }
 
 Bytes zstd(const Bytes& b) { return d::zstd_compress(b.data(), b.size(), 1, "test"); }
-
-#if defined(LINEN_HAS_ZSTD) && LINEN_HAS_ZSTD
 
 // ---- Orbax's own checkpoints -----------------------------------------------------
 
@@ -363,8 +363,8 @@ TEST(OrbaxWriter, NamesWithDotsAndQuotesSurviveThroughMetadata) {
   const std::string dir = (t / "ckpt").string();
   linen::io::save_orbax(dir, v);
   EXPECT_EQ(linen::io::load_orbax(dir), v);
-  const std::string meta(read_file(fs::path(dir) / "_METADATA").data(),
-                         read_file(fs::path(dir) / "_METADATA").data() + read_file(fs::path(dir) / "_METADATA").size());
+  const Bytes meta_bytes = read_file(fs::path(dir) / "_METADATA");
+  const std::string meta(meta_bytes.begin(), meta_bytes.end());
   const auto tree = nlohmann::json::parse(meta)["tree_metadata"];
   EXPECT_TRUE(tree.contains("('params', 'my.layer', \"it's\")")) << meta;
   EXPECT_TRUE(tree.contains("('params', '\"q\"', 'back\\\\slash')")) << meta;

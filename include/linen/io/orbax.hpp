@@ -481,6 +481,16 @@ inline Variables load_orbax(const std::string& dir, const OrbaxOptions& opts = {
     const std::string meta_key = detail::zarr_metadata_key(o.store, leaf.param_name);
     const detail::ZarrArray a = detail::orbax_zarr(o, leaf, meta_key, opts.max_array_bytes);
     std::vector<std::uint8_t> bytes;
+    // One chunk covering the array exactly (what Orbax writes for a single-device
+    // array): decoded straight into the array's buffer, no fill, no copy.
+    const std::string whole = leaf.param_name + "/" + detail::zarr_chunk_key(a, std::vector<Index>(a.shape.size(), 0));
+    if (a.chunks == a.shape && a.array_bytes() > 0 && o.store.contains(whole)) {
+      detail::for_each_orbax_chunk(o, leaf, a, [](const std::string&, const std::vector<Index>&, const auto&) {});
+      const auto stored = o.store.read(whole);
+      bytes = detail::zarr_decode_chunk_bytes(a, stored.data(), stored.size(), o.item.string() + ": key '" + whole + "'");
+      v.set(path, Array(a.dtype, a.shape, std::move(bytes)));
+      continue;
+    }
     try {
       bytes.resize(a.array_bytes());
     } catch (const std::bad_alloc&) {

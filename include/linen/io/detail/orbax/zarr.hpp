@@ -574,10 +574,10 @@ inline std::vector<std::uint8_t> zarr_v3_decode(const std::vector<ZarrCodec>& cs
   return out;
 }
 
-// Decodes the stored chunk at grid `cell` (n bytes at data) into `out`, the
-// array's C-order buffer (a.array_bytes() bytes), clipping at the array's edges.
-inline void zarr_decode_chunk(const ZarrArray& a, const std::vector<Index>& cell, const std::uint8_t* data,
-                              std::size_t n, std::uint8_t* out, const std::string& what) {
+// The stored chunk of n bytes at data, decoded: a.chunk_bytes() bytes, C order,
+// little-endian, bools checked to be 0 or 1.
+inline std::vector<std::uint8_t> zarr_decode_chunk_bytes(const ZarrArray& a, const std::uint8_t* data, std::size_t n,
+                                                         const std::string& what) {
   const std::size_t item = itemsize(a.dtype);
   const std::size_t nbytes = a.chunk_bytes();
   std::vector<std::uint8_t> chunk;
@@ -598,12 +598,20 @@ inline void zarr_decode_chunk(const ZarrArray& a, const std::vector<Index>& cell
     for (std::size_t i = 0; i < chunk.size(); ++i)
       if (chunk[i] > 1)
         throw io_error(what + ": bool chunk holds byte " + std::to_string(chunk[i]) + " at element " + std::to_string(i));
+  return chunk;
+}
+
+// Decodes the stored chunk at grid `cell` (n bytes at data) into `out`, the
+// array's C-order buffer (a.array_bytes() bytes), clipping at the array's edges.
+inline void zarr_decode_chunk(const ZarrArray& a, const std::vector<Index>& cell, const std::uint8_t* data,
+                              std::size_t n, std::uint8_t* out, const std::string& what) {
+  const std::vector<std::uint8_t> chunk = zarr_decode_chunk_bytes(a, data, n, what);
   std::vector<Index> origin(a.shape.size()), extent(a.shape.size()), zero(a.shape.size(), 0);
   for (std::size_t i = 0; i < a.shape.size(); ++i) {
     origin[i] = cell[i] * a.chunks[i];
     extent[i] = std::min(a.chunks[i], a.shape[i] - origin[i]);
   }
-  copy_box(out, a.shape, origin, chunk.data(), a.chunks, zero, extent, item);
+  copy_box(out, a.shape, origin, chunk.data(), a.chunks, zero, extent, itemsize(a.dtype));
 }
 
 // ---- encoding (zarr v2, what save_orbax writes) -------------------------------------
