@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// Writes the seed corpora of the fuzzers, fuzz/corpus/msgpack/ and
-// fuzz/corpus/safetensors/: two small Flax fixtures of each format, copied from
+// Writes the seed corpora of the fuzzers, fuzz/corpus/msgpack/, fuzz/corpus/safetensors/
+// and fuzz/corpus/orbax/ (orbax_seeds below): two small Flax fixtures of each format, copied from
 // tests/data/flax/, and small files made here with linen's writers (every dtype and
 // rank, nesting, chunked arrays, wide msgpack formats, metadata, empty files) or by
 // hand (a numpy-scalar ext 3 leaf), so that the fuzzers start from every structure
@@ -12,10 +12,12 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <string>
 #include <vector>
 
 #include <linen/io/msgpack.hpp>
+#include <linen/io/orbax.hpp>
 #include <linen/io/safetensors.hpp>
 
 namespace {
@@ -75,6 +77,65 @@ Variables wide() {
   return v;
 }
 
+// fuzz/corpus/orbax/: OCDBT manifests and B+tree nodes and zarr metadata taken from
+// Orbax's own checkpoints (tests/data/orbax/), and from databases written here
+// (interior nodes, out-of-line values, a merged root), plus zarr v2/v3 metadata
+// with the variants the reader knows (sharding, big-endian, '/' keys, fill values).
+void orbax_seeds(const fs::path& root, const fs::path& out) {
+  namespace od = linen::io::detail;
+  fs::create_directories(out);
+  const fs::path data = root / "tests" / "data" / "orbax";
+  const std::vector<std::pair<std::string, fs::path>> items = {
+      {"v0", data / "v0_checkpoints/direct_checkpoint/checkpoint_metadata_present/pytree_checkpointable_has_metadata"},
+      {"v1", data / "v1_checkpoints/composite_checkpoint/checkpoint_metadata_present/pytree_checkpointable_has_metadata/state"}};
+  for (const auto& [tag, item] : items) {
+    write(out / (tag + "_root_manifest.ocdbt"), read(item / "manifest.ocdbt"));
+    write(out / (tag + "_process_manifest.ocdbt"), read(item / "ocdbt.process_0" / "manifest.ocdbt"));
+    for (const auto& e : fs::directory_iterator(item / "d")) write(out / (tag + "_root_node.btree"), read(e.path()));
+    const auto store = od::OcdbtStore::open(item);
+    for (const auto& [key, value] : store.entries()) {
+      const std::string name = key.substr(key.find('/') + 1);
+      if (name == ".zarray" || name == "zarr.json")
+        write(out / (tag + "_" + key.substr(0, key.find('/')) + "_" + (name == ".zarray" ? "zarray" : "zarr_json") + ".json"),
+              store.read(key, value));
+    }
+  }
+  // Databases written by linen: a three-level tree with out-of-line values.
+  const fs::path tmp = fs::temp_directory_path() / ("linen_fuzz_seeds_" + od::random_hex_name());
+  std::map<std::string, Bytes> kv;
+  for (int i = 0; i < 9; ++i) kv["layer_" + std::to_string(i) + "/0"] = pattern(DType::U8, static_cast<std::size_t>(i) * 400);
+  od::OcdbtWriteOptions o;
+  o.max_leaf_entries = 2;
+  o.max_interior_entries = 2;
+  od::write_ocdbt_database(tmp, kv, o);
+  for (const auto& e : fs::directory_iterator(tmp / "d")) write(out / "linen_interior_root.btree", read(e.path()));
+  write(out / "linen_root_manifest.ocdbt", read(tmp / "manifest.ocdbt"));
+  fs::remove_all(tmp);
+  kv.clear();
+  kv["big/0"] = pattern(DType::U8, 3000);
+  kv["small/0"] = pattern(DType::U8, 10);
+  od::write_ocdbt_database(tmp, kv);
+  for (const auto& e : fs::directory_iterator(tmp / "d")) write(out / "linen_leaf_out_of_line.btree", read(e.path()));
+  write(out / "linen_process_manifest.ocdbt", read(tmp / "ocdbt.process_0" / "manifest.ocdbt"));
+  fs::remove_all(tmp);
+  // zarr metadata variants.
+  auto text = [](const std::string& s) { return Bytes(s.begin(), s.end()); };
+  write(out / "zarr2_bf16_slash.json",
+        text(R"({"chunks":[2,3],"compressor":{"id":"zstd","level":1},"dimension_separator":"/","dtype":"bfloat16",)"
+             R"("fill_value":"NaN","filters":null,"order":"C","shape":[5,7],"zarr_format":2})"));
+  write(out / "zarr2_big_endian_raw.json",
+        text(R"({"chunks":[4],"compressor":null,"dtype":">u2","fill_value":7,"filters":null,"order":"C","shape":[4],"zarr_format":2})"));
+  write(out / "zarr2_scalar_bool.json",
+        text(R"({"chunks":[],"compressor":null,"dtype":"|b1","fill_value":true,"filters":null,"order":"C","shape":[],"zarr_format":2})"));
+  write(out / "zarr3_nested_sharding.json",
+        text(R"({"zarr_format":3,"node_type":"array","shape":[8,4],"data_type":"float16","fill_value":"0x3c00",)"
+             R"("chunk_grid":{"name":"regular","configuration":{"chunk_shape":[8,4]}},)"
+             R"("chunk_key_encoding":{"name":"v2","configuration":{"separator":"/"}},)"
+             R"("codecs":[{"name":"sharding_indexed","configuration":{"chunk_shape":[4,4],"index_location":"start",)"
+             R"("codecs":[{"name":"bytes","configuration":{"endian":"big"}},{"name":"zstd"},{"name":"crc32c"}],)"
+             R"("index_codecs":[{"name":"bytes","configuration":{"endian":"little"}},{"name":"crc32c"}]}}]})"));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -115,6 +176,9 @@ int main(int argc, char** argv) {
     meta.metadata["config"] = "{\"num_heads\": 2}";
     write(st / "nested_metadata.safetensors", linen::io::to_safetensors(meta));
     write(st / "empty.safetensors", linen::io::to_safetensors(Variables()));
+
+    // orbax (needs libzstd)
+    if (linen::io::detail::kHasZstd) orbax_seeds(root, root / "fuzz" / "corpus" / "orbax");
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "make_seeds: %s\n", e.what());

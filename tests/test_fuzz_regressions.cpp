@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../fuzz/fuzz_checks.hpp"
+#include "../fuzz/fuzz_orbax_checks.hpp"
 
 #ifndef LINEN_TEST_DATA_DIR
 #define LINEN_TEST_DATA_DIR "/work/main/tests/data"
@@ -98,6 +99,24 @@ TEST(FuzzRegressions, SavedInputsParseOrThrowIoError) {
     }
   }
   EXPECT_GE(hostile, 10u) << "hostile inputs missing from " << kRegressions;
+}
+
+// The Orbax parsers' seeds (OCDBT manifests and nodes, zarr metadata): each is
+// accepted by one of them, and survives the re-encoding properties. Saved inputs of
+// tests/data/fuzz_regressions/orbax/ must parse or throw io_error.
+TEST(FuzzRegressions, OrbaxSeedCorpusParses) {
+  if (!linen::io::detail::kHasZstd) GTEST_SKIP() << "linen::io built without libzstd";
+  const auto files = files_in(kCorpus / "orbax");
+  ASSERT_GE(files.size(), 10u) << "seed corpus missing from " << kCorpus / "orbax";
+  for (const auto& f : files) {
+    const Bytes b = read_file(f);
+    EXPECT_GE(linen_fuzz::check_orbax(b.data(), b.size()), 1) << f;
+  }
+  for (const auto& f : files_in(kRegressions / "orbax")) {
+    SCOPED_TRACE(f.string());
+    const Bytes b = read_file(f);
+    (void)linen_fuzz::check_orbax(b.data(), b.size());
+  }
 }
 
 }  // namespace
