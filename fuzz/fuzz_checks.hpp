@@ -23,7 +23,7 @@
 #include <string>
 #include <vector>
 
-#include <linen/io/msgpack.hpp>
+#include <linen/io/checkpoint.hpp>
 #include <linen/io/safetensors.hpp>
 
 namespace linen_fuzz {
