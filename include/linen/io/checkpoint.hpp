@@ -86,6 +86,13 @@ inline std::string first_bytes(const std::uint8_t* data, std::size_t size) {
   return s;
 }
 
+// "<name>: neither safetensors (...) nor Flax msgpack (a map) (<size> bytes, starting ...)".
+inline std::string neither_format(const std::string& name, const std::uint8_t* prefix, std::size_t prefix_size,
+                                  std::size_t size) {
+  return name + ": neither safetensors (an 8-byte little-endian header length, then '{') nor Flax msgpack (a map) (" +
+         std::to_string(size) + " bytes" + (size ? ", starting " + first_bytes(prefix, prefix_size) : "") + ")";
+}
+
 inline constexpr std::size_t kSniffBytes = 64;
 
 // The loader of `f` run on `src`.
@@ -126,15 +133,15 @@ Checkpoint read_checkpoint_from(Source& src, const std::uint8_t* prefix, std::si
   } catch (const io_error& e) {
     why_second = reason(e);
   }
-  std::string what = name + ": ";
   const std::size_t size = src.size();
-  const std::string shown = std::to_string(size) + " bytes" + (size ? ", starting " + first_bytes(prefix, prefix_size) : "");
-  if (!g.safetensors && !g.msgpack)
-    what += "neither safetensors (an 8-byte little-endian header length, then '{') nor Flax msgpack (a map) (" + shown +
-            ")";
-  else
-    what += "not a checkpoint linen can read (" + shown + ", which looks like " + format_name(first) + ")";
-  const auto label = [](CheckpointFormat f) { return f == CheckpointFormat::safetensors ? "safetensors" : "Flax msgpack"; };
+  const std::string what =
+      g.safetensors || g.msgpack
+          ? name + ": not a checkpoint linen can read (" + std::to_string(size) + " bytes, starting " +
+                first_bytes(prefix, prefix_size) + ", which looks like " + format_name(first) + ")"
+          : neither_format(name, prefix, prefix_size, size);
+  const auto label = [](CheckpointFormat f) {
+    return f == CheckpointFormat::safetensors ? "safetensors" : "Flax msgpack";
+  };
   throw io_error(what + ": as " + label(first) + ": " + why_first + "; as " + label(second) + ": " + why_second);
 }
 
@@ -148,9 +155,7 @@ inline CheckpointFormat detect_checkpoint_format(const std::uint8_t* data, std::
   if (data == nullptr && size != 0) throw io_error(name + ": null data of size " + std::to_string(size));
   const detail::format_guess g = detail::guess_format(data, size);
   if (g.safetensors || g.msgpack) return g.first;
-  throw io_error(name + ": neither safetensors (an 8-byte little-endian header length, then '{') nor Flax msgpack "
-                 "(a map) (" + std::to_string(size) + " bytes" +
-                 (size ? ", starting " + detail::first_bytes(data, size) : std::string()) + ")");
+  throw io_error(detail::neither_format(name, data, size, size));
 }
 
 // Reads a checkpoint image of either format as parse_safetensors or parse_msgpack
