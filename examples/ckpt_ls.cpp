@@ -5,51 +5,47 @@
 //   ckpt_ls FILE...
 //
 // Each FILE may be safetensors or a Flax msgpack file (flax.serialization.to_bytes),
-// told apart by content. For each file it prints the format, then one line per
-// array, in path order: its Flax path ('/'-joined, e.g. params/query/kernel), numpy
-// dtype, shape and size in bytes, then safetensors metadata keys, if any. A file
-// that cannot be read is reported on stderr (naming the file, byte offset and path at
-// fault) and makes the exit status 1; the other files are still listed.
+// told apart by content, or an Orbax checkpoint directory (its arrays are read and
+// checked, then listed with their zarr chunking and codecs). For each file it prints the format, then one line per
+// array, in path order: its Flax path ('/'-joined, e.g. params/query/kernel; bytes
+// other than printable ASCII shown as \xNN, so a NUL in a name is seen, not a cut),
+// numpy dtype, shape and size in bytes, then safetensors metadata, if any (list_tensors).
+// It never dies on what it is given: a directory, a FIFO (never waited on), a device
+// (a symlink to /dev/zero) are refused; a file whose tensors do not fit in memory is
+// reported, not an abort. Each file that cannot be read gets one line on stderr
+// (naming the file, byte offset and path at fault), the other files are still
+// listed, and the exit status is 1 if any failed.
 #include <cstdio>
 #include <exception>
-#include <fstream>
-#include <iterator>
+#include <new>
 #include <string>
-#include <vector>
 
-#include <linen/io/msgpack.hpp>
+#include <linen/io/checkpoint.hpp>
 
 namespace {
 
-// Lists one file; returns false (after printing why) if it cannot be read.
+// Lists one file; returns false (after printing one line why) if it cannot be read.
 bool list(const std::string& file) {
-  std::ifstream in(file, std::ios::binary);
-  if (!in) {
-    std::fprintf(stderr, "ckpt_ls: %s: cannot open\n", file.c_str());
-    return false;
-  }
-  const std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   try {
-    const auto format = linen::io::detect_checkpoint_format(bytes.data(), bytes.size(), file);
-    const linen::io::Variables vars = linen::io::parse_checkpoint(bytes.data(), bytes.size(), file);
-    std::printf("%s: %s, %zu bytes\n", file.c_str(), linen::io::format_name(format), bytes.size());
-    std::fputs(linen::io::list_tensors(vars).c_str(), stdout);
-    for (const auto& [key, value] : vars.metadata) {
-      const std::string shown = value.size() > 60 ? value.substr(0, 57) + "..." : value;
-      std::printf("metadata %s = %s\n", key.c_str(), shown.c_str());
-    }
+    const linen::io::Checkpoint ckpt = linen::io::read_checkpoint(file);
+    std::printf("%s: %s\n", file.c_str(), linen::io::format_name(ckpt.format));
+    std::fputs(linen::io::list_tensors(ckpt.variables).c_str(), stdout);
+    if (ckpt.format == linen::io::CheckpointFormat::orbax)
+      std::fputs(linen::io::list_orbax_storage(linen::io::list_orbax(file)).c_str(), stdout);
     return true;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "ckpt_ls: %s: out of memory while loading its tensors\n", file.c_str());
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "ckpt_ls: %s\n", e.what());
-    return false;
+    std::fprintf(stderr, "ckpt_ls: %s\n", e.what());  // names from the file come quoted, escaped
   }
+  return false;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: ckpt_ls FILE...  (safetensors or Flax msgpack checkpoints)\n");
+    std::fprintf(stderr, "usage: ckpt_ls PATH...  (safetensors or Flax msgpack files, Orbax checkpoint directories)\n");
     return 2;
   }
   bool ok = true;

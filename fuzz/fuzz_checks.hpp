@@ -10,7 +10,9 @@
 //     gives the same bytes;
 //   - it survives the other format too (safetensors <-> msgpack), where that format
 //     can hold it;
-//   - reading every array as float and as int64 either works or throws io_error.
+//   - reading every array as float and as int64 either works or throws io_error;
+//   - parse_checkpoint accepts whatever parse_safetensors or parse_msgpack accepts,
+//     and returns what the loader of the format it reports returns.
 //
 // A broken property throws linen_fuzz::property_failure, which is not an io_error:
 // libFuzzer reports it as a crash (uncaught exception), the test as a failure.
@@ -19,10 +21,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include <linen/io/checkpoint.hpp>
 #include <linen/io/msgpack.hpp>
 #include <linen/io/safetensors.hpp>
 
@@ -124,12 +128,26 @@ inline bool check_safetensors(const std::uint8_t* data, std::size_t size) {
   return true;
 }
 
-// One input through format detection and parse_checkpoint; true if it parsed.
+// One input through parse_checkpoint, which must agree with the loaders: it accepts
+// whatever parse_safetensors or parse_msgpack accepts, and returns what the loader of
+// the format it reports returns; true if it parsed.
 inline bool check_checkpoint(const std::uint8_t* data, std::size_t size) {
+  std::optional<linen::io::Variables> st, mp;
   try {
-    (void)linen::io::parse_checkpoint(data, size, "fuzz input");
+    st = linen::io::parse_safetensors(data, size, "fuzz input");
+  } catch (const linen::io_error&) {
+  }
+  try {
+    mp = linen::io::parse_msgpack(data, size, "fuzz input");
+  } catch (const linen::io_error&) {
+  }
+  try {
+    const linen::io::Checkpoint c = linen::io::read_checkpoint(data, size, "fuzz input");
+    const auto& want = c.format == linen::io::CheckpointFormat::safetensors ? st : mp;
+    require(want && *want == c.variables, "read_checkpoint disagrees with the loader of the format it reports");
     return true;
   } catch (const linen::io_error&) {
+    require(!st && !mp, "parse_checkpoint refused an image that parse_safetensors or parse_msgpack accepts");
     return false;
   }
 }

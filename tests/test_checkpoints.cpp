@@ -3,7 +3,7 @@
 // modules at Flax paths, saved in both formats, loaded with load_checkpoint, each
 // module bound by its path (params and cache) and run; what no module reads is
 // listed by unused_paths; mismatches name the path and both shapes.
-#include <linen/io/msgpack.hpp>
+#include <linen/io/checkpoint.hpp>
 
 #include <filesystem>
 #include <fstream>

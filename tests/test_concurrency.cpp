@@ -16,7 +16,7 @@
 #include <cstring>
 #include <exception>
 #include <iostream>
-#include <linen/io/msgpack.hpp>
+#include <linen/io/checkpoint.hpp>
 #include <mutex>
 #include <random>
 #include <string>

@@ -23,7 +23,7 @@
 #include <cstring>
 #include <filesystem>
 #include <initializer_list>
-#include <linen/io/msgpack.hpp>
+#include <linen/io/checkpoint.hpp>
 #include <random>
 #include <string>
 #include <typeinfo>

@@ -5,6 +5,7 @@
 // of the library's writer, so each test shows its fault), format detection,
 // unused_paths and the listing.
 #include <linen/io/msgpack.hpp>
+#include <linen/io/checkpoint.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -20,6 +21,8 @@
 #include <random>
 #include <string>
 #include <vector>
+
+#include <sys/stat.h>
 
 #include "attention_fixture.hpp"
 
@@ -518,6 +521,25 @@ TEST_F(MsgpackFiles, SaveAndLoadBothFormats) {
   EXPECT_TRUE(linen::io::load_msgpack(m).empty());
 }
 
+TEST_F(MsgpackFiles, LoadCheckpointAgreesWithTheLoadersOnFiles) {
+  const std::string key("ab\0\0\0\0{", 7);
+  const Bytes m = Mp().map(1).str(key).ext(1, good_payload()).b;
+  const std::string file = (dir_ / "odd.msgpack").string();
+  {
+    std::ofstream out(file, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(m.data()), static_cast<std::streamsize>(m.size()));
+  }
+  EXPECT_EQ(linen::io::load_checkpoint(file), linen::io::load_msgpack(file));
+  EXPECT_EQ(linen::io::read_checkpoint(file).format, linen::io::CheckpointFormat::msgpack);
+  // A FIFO is refused at once, never waited on.
+  const std::string fifo = (dir_ / "pipe").string();
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  for (auto load : {&linen::io::load_msgpack, &linen::io::load_checkpoint}) {
+    const std::string msg = linen_test::io_error_message([&] { load(fifo); });
+    EXPECT_NE(msg.find(fifo + ": not a regular file (a FIFO)"), std::string::npos) << msg;
+  }
+}
+
 TEST_F(MsgpackFiles, FileErrorsNameTheFile) {
   const std::string missing = (dir_ / "missing.msgpack").string();
   for (auto load : {&linen::io::load_msgpack, &linen::io::load_checkpoint}) {
@@ -990,6 +1012,58 @@ TEST(Checkpoint, NeitherFormatThrowsNamingTheFirstBytes) {
         << e.what();
   }
   EXPECT_THROW(linen::io::parse_checkpoint(nullptr, 0), linen::io_error);
+}
+
+// A safetensors image: the 8-byte length of `header` (as given), the header, the data.
+Bytes st_image(const std::string& header, const Bytes& data) {
+  Bytes b(8);
+  for (int i = 0; i < 8; ++i) b[static_cast<std::size_t>(i)] = static_cast<std::uint8_t>(header.size() >> (8 * i));
+  b.insert(b.end(), header.begin(), header.end());
+  b.insert(b.end(), data.begin(), data.end());
+  return b;
+}
+
+TEST(Checkpoint, WhatSafetensorsAcceptsLoadCheckpointAccepts) {
+  // A header length of 0x80 = 128 starts like a msgpack fixmap, and JSON may start with
+  // whitespace: parse_safetensors accepts it, so parse_checkpoint must too.
+  const std::string entry = R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})";
+  for (const std::string& lead : {std::string(" \n"), std::string("\t"), std::string(128 - entry.size(), ' ')}) {
+    std::string header = lead + entry;
+    header.append(128 - std::min<std::size_t>(128, header.size()), ' ');
+    ASSERT_EQ(header.size(), 128u);
+    const Bytes st = st_image(header, {7});
+    ASSERT_EQ(st[0], 0x80);
+    const Variables want = linen::io::parse_safetensors(st.data(), st.size());
+    EXPECT_EQ(linen::io::parse_checkpoint(st.data(), st.size()), want);
+    EXPECT_EQ(linen::io::read_checkpoint(st.data(), st.size()).format, linen::io::CheckpointFormat::safetensors);
+  }
+}
+
+TEST(Checkpoint, WhatMsgpackAcceptsLoadCheckpointAccepts) {
+  // A root map whose first key ("ab\0\0\0\0{") puts zeros at bytes 4-7 and '{' at byte
+  // 8: by its first bytes it could be safetensors (a header length of 0x6261a781).
+  const std::string key("ab\0\0\0\0{", 7);
+  const Bytes m = Mp().map(1).str(key).ext(1, good_payload()).b;
+  ASSERT_EQ(m[4], 0);
+  ASSERT_EQ(m[8], '{');
+  const Variables want = parse(m);
+  EXPECT_EQ(linen::io::parse_checkpoint(m.data(), m.size()), want);
+  EXPECT_EQ(linen::io::read_checkpoint(m.data(), m.size()).format, linen::io::CheckpointFormat::msgpack);
+}
+
+TEST(Checkpoint, AFileNeitherLoaderAcceptsGetsBothReasons) {
+  // Looks like safetensors (but its header is not JSON) and starts with a map byte (but
+  // is not a msgpack map of variables).
+  const Bytes bad = st_image(std::string(0x85, 'x'), {});
+  const std::string msg = linen_test::io_error_message([&] { linen::io::parse_checkpoint(bad.data(), bad.size(), "b.ckpt"); });
+  EXPECT_NE(msg.find("b.ckpt: not a checkpoint linen can read"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("as safetensors: b.ckpt: header is not valid JSON"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("as Flax msgpack: b.ckpt: byte 1: map key is a msgpack int"), std::string::npos) << msg;
+  // Neither look: still both reasons, after the first bytes.
+  const Bytes junk{'G', 'I', 'F', '8', '9', 'a', 1, 2, 3, 4};
+  const std::string j = linen_test::io_error_message([&] { linen::io::parse_checkpoint(junk.data(), junk.size(), "x.bin"); });
+  EXPECT_NE(j.find("as safetensors: x.bin: header length"), std::string::npos) << j;
+  EXPECT_NE(j.find("as Flax msgpack: x.bin: byte 0: the root is a msgpack"), std::string::npos) << j;
 }
 
 TEST(Checkpoint, UnusedPathsListsWhatNoPrefixCovers) {

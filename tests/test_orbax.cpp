@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <linen/io/checkpoint.hpp>
 #include <linen/io/orbax.hpp>
 #include <map>
 #include <optional>
@@ -157,6 +158,22 @@ INSTANTIATE_TEST_SUITE_P(
                       FixtureCase{kV0Composite + "pytree_checkpointable_missing_metadata", "state", 2},
                       FixtureCase{kV1Composite + "pytree_checkpointable_has_metadata", "state", 3},
                       FixtureCase{kV1Composite + "pytree_checkpointable_missing_metadata", "state", 3}));
+
+TEST(OrbaxLayout, LoadCheckpointRecognisesOrbaxDirectories) {
+  // load_checkpoint / read_checkpoint read an Orbax directory as load_orbax does; the
+  // options choose the item there too; a damaged one fails with load_orbax's reason.
+  const std::string direct = kV0Direct + "pytree_checkpointable_has_metadata";
+  const linen::io::Checkpoint c = linen::io::read_checkpoint(direct);
+  EXPECT_EQ(c.format, linen::io::CheckpointFormat::orbax);
+  EXPECT_STREQ(linen::io::format_name(c.format), "orbax");
+  expect_fixture_tree(c.variables);
+  expect_fixture_tree(linen::io::load_checkpoint(kV1Composite + "pytree_checkpointable_missing_metadata", item("state")));
+  const std::string m = io_error_message([] { linen::io::load_checkpoint(kMissingD); });
+  EXPECT_MESSAGE(m, "data file 'd/");
+  // A directory that is no Orbax checkpoint is still refused as not a regular file.
+  EXPECT_MESSAGE(io_error_message([] { linen::io::load_checkpoint(linen_test::data_path("flax")); }),
+                 "not a regular file");
+}
 
 TEST(OrbaxLayout, CompositeItemDirectlyAndByName) {
   expect_fixture_tree(linen::io::load_orbax(kV0Composite + "pytree_checkpointable_has_metadata/state"));

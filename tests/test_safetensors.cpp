@@ -527,6 +527,24 @@ TEST(SafetensorsMalformed, TensorNameNotAVariablePath) {
                  {"tensor name '" + n + "'", "valid variable path"});
 }
 
+// Names in messages are quoted with their bytes escaped, as the msgpack reader does: a
+// NUL in a name ("\u0000" in the JSON) shows as \x00 and cuts nothing after it.
+TEST(SafetensorsMalformed, NamesInMessagesAreEscaped) {
+  const std::string nul = "a\\u0000b";  // JSON text for the name "a\0b"
+  const std::string m1 = parse_error(image("{" + entry(nul, "X9", "[4]", 0, 4) + "}", kData4));
+  EXPECT_NE(m1.find("tensor 'a\\x00b': unknown dtype 'X9'"), std::string::npos) << m1;
+  const std::string m2 = parse_error(image("{" + entry(nul, "U8", "[4]", 0, 4) + "," + entry(nul, "U8", "[4]", 0, 4) + "}", kData4));
+  EXPECT_NE(m2.find("duplicate tensor name 'a\\x00b'"), std::string::npos) << m2;
+  const std::string m3 = parse_error(image("{" + entry(nul, "U8", "[4]", 0, 4) + "," + entry("c\\n", "U8", "[4]", 2, 6) + "}",
+                                           Bytes(6, 0)));
+  EXPECT_NE(m3.find("data of 'c\\x0a' [2, 6) overlaps 'a\\x00b' [0, 4)"), std::string::npos) << m3;
+  EXPECT_NE(parse_error(image("{\"__metadata__\":{\"k\\u0000\":1}}")).find("value of 'k\\x00' must be a string"),
+            std::string::npos);
+  // Such a name is a valid variable path: it loads, and keeps its bytes.
+  const Variables v = parse(image("{" + entry(nul, "U8", "[4]", 0, 4) + "}", kData4));
+  EXPECT_TRUE(v.contains(std::string("a\0b", 3)));
+}
+
 TEST(SafetensorsMalformed, DeepNestingIsRefusedWithoutRecursion) {
   const std::string deep = std::string(1'000'000, '[') + std::string(1'000'000, ']');
   expect_fault(image(deep), {"nests deeper"});

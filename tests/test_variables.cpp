@@ -344,7 +344,7 @@ TEST(FloatBits, FloatToBf16AndF16RoundToNearestEven) {
                1.0f + std::ldexp(1.0f, -8) + std::ldexp(1.0f, -20),  // above the tie -> up
                1.0f + std::ldexp(1.0f, -11),                         // f16 tie -> even (1.0)
                1.0f + 3 * std::ldexp(1.0f, -11),                     // f16 tie -> even (1 + 2^-9)
-               65520.0f,                                             // f16: rounds up to inf
+               65504.0f,                                             // f16: max finite
                65519.0f,                                             // f16: max finite 65504
                -0.0f});
   const auto a = Array::from(f);
@@ -356,9 +356,81 @@ TEST(FloatBits, FloatToBf16AndF16RoundToNearestEven) {
   const auto h = a.to_vector<Eigen::half>();
   EXPECT_EQ(bits_of(h[3]), 0x3C00);
   EXPECT_EQ(bits_of(h[4]), 0x3C02);
-  EXPECT_EQ(bits_of(h[5]), 0x7C00);
+  EXPECT_EQ(bits_of(h[5]), 0x7BFF);
   EXPECT_EQ(bits_of(h[6]), 0x7BFF);
   EXPECT_EQ(bits_of(h[7]), 0x8000);
+  // 65520 rounds up to inf in float16: a finite value that would become inf throws
+  // (FloatOverflow below).
+  Tensor<float, 1> over(1);
+  over.setValues({65520.0f});
+  EXPECT_IO_ERROR_HAS(Array::from(over).to_vector<Eigen::half>("w"), "w:", "65520", "flat index 0", "float16");
+}
+
+// ---------------------------------------------------------------- overflow to inf (one rule)
+
+// A finite value that would round to +-inf in the target type throws, naming the path,
+// the flat index and the value, as an integer that does not fit does; inf and NaN
+// stored in the file stay inf and NaN.
+TEST(FloatOverflow, FiniteValuesThatWouldBecomeInfThrow) {
+  Tensor<double, 2> d(1, 3);
+  d.setValues({{1.0, -1e300, 2.0}});
+  EXPECT_IO_ERROR_HAS((Array::from(d).to<float, 2>("params/dense/kernel")), "params/dense/kernel:", "float64",
+                      "-1.0000000000000001e+300", "flat index 1", "overflows float32");
+  Tensor<float, 1> f(2);
+  f.setValues({1e30f, 0.5f});
+  EXPECT_IO_ERROR_HAS((Array::from(f).to<Eigen::half, 1>("b")), "b:", "float32", "1.00000002e+30", "flat index 0",
+                      "overflows float16");
+  EXPECT_EQ(static_cast<float>(Array::from(f).to<Eigen::bfloat16, 1>()(0)), 1.0002555517425873e30f);  // in bf16's range
+  // float32's largest finite value rounds up to inf in bfloat16 (8 mantissa bits).
+  f.setValues({std::numeric_limits<float>::max(), 0.0f});
+  EXPECT_IO_ERROR_HAS(Array::from(f).to_vector<Eigen::bfloat16>("x"), "x:", "flat index 0", "overflows bfloat16");
+  // The same through Variables::get, the path a module's parameters are bound by.
+  Variables v;
+  v.set("params/query/kernel", d);
+  EXPECT_IO_ERROR_HAS((v.get<float, 2>("params/query/kernel", {1, 3})), "params/query/kernel:", "flat index 1");
+  EXPECT_EQ((v.get<double, 2>("params/query/kernel", {1, 3})(0, 1)), -1e300);  // no narrowing, no error
+}
+
+TEST(FloatOverflow, StoredInfAndNanStay) {
+  const double inf = std::numeric_limits<double>::infinity();
+  Tensor<double, 1> d(3);
+  d.setValues({inf, -inf, std::numeric_limits<double>::quiet_NaN()});
+  const Array a = Array::from(d);
+  const auto f = a.to_vector<float>();
+  EXPECT_EQ(f[0], std::numeric_limits<float>::infinity());
+  EXPECT_EQ(f[1], -std::numeric_limits<float>::infinity());
+  EXPECT_TRUE(std::isnan(f[2]));
+  const auto h = a.to_vector<Eigen::half>();
+  EXPECT_EQ(bits_of(h[0]), 0x7C00);
+  EXPECT_EQ(bits_of(h[1]), 0xFC00);
+  EXPECT_TRUE(Eigen::numext::isnan(h[2]));
+  const auto b = a.to_vector<Eigen::bfloat16>();
+  EXPECT_EQ(bits_of(b[0]), 0x7F80);
+  EXPECT_TRUE(Eigen::numext::isnan(b[2]));
+}
+
+// int32 and bool arrays bind into float parameters as Flax's promote_dtype computes them
+// (jnp.asarray(x, float32): round to nearest even; bool as 0/1), throwing only where
+// that would give inf (float16 above 65504).
+TEST(FloatOverflow, IntegerAndBoolParametersConvertAsFlaxComputes) {
+  Variables v;
+  Tensor<std::int32_t, 3> k(1, 1, 3);
+  k.setValues({{{16777217, -7, 3}}});  // 2^24 + 1 is not a float32: Flax rounds it to 2^24
+  v.set("params/query/kernel", k);
+  const Tensor<float, 3> got = v.get<float, 3>("params/query/kernel", {1, 1, 3});
+  EXPECT_EQ(got(0, 0, 0), 16777216.0f);
+  EXPECT_EQ(got(0, 0, 1), -7.0f);
+  EXPECT_EQ(got(0, 0, 2), 3.0f);
+  Tensor<bool, 1> m(2);
+  m.setValues({true, false});
+  v.set("params/out/bias", m);
+  const Tensor<Eigen::bfloat16, 1> b = v.get<Eigen::bfloat16, 1>("params/out/bias", {2});
+  EXPECT_EQ(static_cast<float>(b(0)), 1.0f);
+  EXPECT_EQ(static_cast<float>(b(1)), 0.0f);
+  k.setValues({{{1, 70000, 2}}});
+  v.set("params/key/kernel", k);
+  EXPECT_IO_ERROR_HAS((v.get<Eigen::half, 3>("params/key/kernel", {1, 1, 3})), "params/key/kernel:", "70000",
+                      "flat index 1", "overflows float16");
 }
 
 TEST(FloatBits, DoubleToHalfTypesRoundsOnce) {

@@ -1,7 +1,7 @@
 # Builds and runs one consumer project of tests/consumer/ against the linen
 # under test, in a fresh directory. Run by ctest (tests/CMakeLists.txt) as
 #
-#   cmake -DKIND=<find_package|add_subdirectory|fetchcontent>
+#   cmake -DKIND=<find_package|find_package_no_msgpack|add_subdirectory|fetchcontent>
 #         -DLINEN_SOURCE_DIR=<checkout> -DLINEN_BINARY_DIR=<configured build>
 #         -DLINEN_VERSION=<x.y.z> -DWORK_DIR=<scratch dir, emptied first>
 #         -DGENERATOR=<...> [-DGENERATOR_PLATFORM=] [-DGENERATOR_TOOLSET=]
@@ -12,6 +12,10 @@
 #
 #   find_package:     cmake --install <LINEN_BINARY_DIR> --prefix <WORK_DIR>/prefix,
 #                     then the consumer finds linen there;
+#   find_package_no_msgpack: the same, as on a machine without msgpack-cxx: the
+#                     installed package and headers must not mention it, and the
+#                     consumer is configured with find_package(msgpack-cxx) and
+#                     find_package(msgpack) disabled, yet gets linen::io;
 #   add_subdirectory: the consumer adds <LINEN_SOURCE_DIR> as a subdirectory;
 #   fetchcontent:     the library part of <LINEN_SOURCE_DIR> is packed into
 #                     <WORK_DIR>/linen-<version>.tar.gz, which the consumer fetches.
@@ -26,6 +30,9 @@ foreach(var IN ITEMS KIND LINEN_SOURCE_DIR LINEN_BINARY_DIR LINEN_VERSION WORK_D
 endforeach()
 
 set(project_dir "${CMAKE_CURRENT_LIST_DIR}/${KIND}")
+if(KIND STREQUAL "find_package_no_msgpack")
+  set(project_dir "${CMAKE_CURRENT_LIST_DIR}/find_package")
+endif()
 if(NOT EXISTS "${project_dir}/CMakeLists.txt")
   message(FATAL_ERROR "run_consumer.cmake: no consumer project ${project_dir}")
 endif()
@@ -78,7 +85,7 @@ else()
   set(config_args "")
 endif()
 
-if(KIND STREQUAL "find_package")
+if(KIND MATCHES "^find_package")
   foreach(var IN ITEMS INSTALL_INCLUDEDIR INSTALL_CMAKEDIR)
     if("${${var}}" STREQUAL "")
       message(FATAL_ERROR "run_consumer.cmake: KIND=find_package needs -D${var}=<relative path>")
@@ -101,6 +108,27 @@ if(KIND STREQUAL "find_package")
     cache_set(LINEN_EXPECT_IO ON)
   else()
     cache_set(LINEN_EXPECT_IO OFF)
+  endif()
+  if(KIND STREQUAL "find_package_no_msgpack")
+    # linen reads msgpack itself: nothing installed may ask for msgpack-cxx (or Boost).
+    file(GLOB_RECURSE package_files "${prefix}/${INSTALL_CMAKEDIR}/*.cmake")
+    file(GLOB_RECURSE header_files "${prefix}/${INSTALL_INCLUDEDIR}/linen/*.hpp")
+    foreach(file IN LISTS package_files header_files)
+      if(file MATCHES "[.]cmake$")
+        file(STRINGS "${file}" hits REGEX "msgpack-cxx|msgpackc|(find_dependency|find_package)\\(msgpack|Boost")
+      else()
+        file(STRINGS "${file}" hits REGEX "#[ \t]*include[ \t]*<msgpack|LINEN_HAS_MSGPACK")
+      endif()
+      if(hits)
+        message(FATAL_ERROR "${tag} ${file} still refers to msgpack-cxx: ${hits}")
+      endif()
+    endforeach()
+    if(NOT EXISTS "${prefix}/${INSTALL_CMAKEDIR}/linenIoTargets.cmake")
+      message(FATAL_ERROR "${tag} the build under test exported no linen::io")
+    endif()
+    cache_set(CMAKE_DISABLE_FIND_PACKAGE_msgpack-cxx ON)
+    cache_set(CMAKE_DISABLE_FIND_PACKAGE_msgpack ON)
+    cache_set(CMAKE_DISABLE_FIND_PACKAGE_Boost ON)
   endif()
   cache_set(LINEN_EXPECTED_PREFIX "${prefix}")
   cache_set(LINEN_EXPECTED_INCLUDEDIR "${prefix}/${INSTALL_INCLUDEDIR}")

@@ -51,6 +51,7 @@
 #include "detail/orbax/ocdbt_writer.hpp"
 #include "detail/orbax/zarr.hpp"
 #include "detail/orbax/zstd.hpp"
+#include "detail/text.hpp"
 #include "variables.hpp"
 
 namespace linen::io {
@@ -465,6 +466,19 @@ inline std::vector<OrbaxArrayInfo> list_orbax(const std::string& dir, const Orba
     out.push_back(std::move(info));
   }
   std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+  return out;
+}
+
+// The storage of each array list_orbax found, a line each, for a lister (ckpt_ls):
+//   storage  params/query/kernel  zarr v2  chunks (4, 2, 2)  1 chunk, 80 bytes  zstd(level=1)
+inline std::string list_orbax_storage(const std::vector<OrbaxArrayInfo>& arrays) {
+  std::string out;
+  for (const OrbaxArrayInfo& a : arrays) {
+    out += "storage  " + detail::escape_bytes(a.name) + "  zarr v" + std::to_string(a.zarr_format) + "  chunks " +
+           to_string(a.chunk_shape) + "  " + std::to_string(a.stored_chunks) +
+           (a.stored_chunks == 1 ? " chunk, " : " chunks, ") + std::to_string(a.stored_bytes) + " bytes  " +
+           detail::escape_bytes(a.codecs) + "\n";
+  }
   return out;
 }
 

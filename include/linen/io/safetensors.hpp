@@ -10,26 +10,34 @@
 // a linen::io_error naming the file and what is wrong, nothing is read out of
 // bounds, and no allocation exceeds the input's size (the header is capped at
 // 100 MB, offsets are checked against the real data size before anything is copied).
+// Tensor names in messages are quoted with their bytes escaped (a NUL shows as \x00).
+// load_safetensors reads each tensor's bytes once, from the file straight into its
+// Array: loading needs the tensors' bytes plus the header, never a copy of the file.
+// (Mapping the file instead would need an Array that views a mapping, not the owning
+// byte vector Array::bytes() returns, and a file truncated under a mapping is a
+// SIGBUS, not an io_error.)
 #ifndef LINEN_IO_SAFETENSORS_HPP
 #define LINEN_IO_SAFETENSORS_HPP
 
 #include <algorithm>
-#include <cerrno>
+#include <cstddef>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
 #include <string>
-#include <system_error>
 #include <tuple>
 #include <utility>
 #include <vector>
 
+#include "../errors.hpp"
+#include "../tensor.hpp"
+#include "detail/byte_source.hpp"
+#include "detail/bytes.hpp"
+#include "detail/file.hpp"
+#include "detail/text.hpp"
 #include "variables.hpp"
 
 namespace linen::io {
@@ -85,8 +93,8 @@ inline nlohmann::json parse_safetensors_header(const char* begin, const char* en
       case E::key: {
         auto k = parsed.get<std::string>();
         if (!keys.empty() && !keys.back().insert(k).second)
-          throw safetensors_header_fault{keys.size() == 1 ? "duplicate tensor name '" + k + "' in the header"
-                                                          : "duplicate key '" + k + "' inside a header entry"};
+          throw safetensors_header_fault{keys.size() == 1 ? "duplicate tensor name " + quote_bytes(k) + " in the header"
+                                                          : "duplicate key " + quote_bytes(k) + " inside a header entry"};
         break;
       }
       case E::value:
@@ -112,7 +120,7 @@ struct safetensors_entry {
 
 inline safetensors_entry parse_safetensors_entry(const std::string& key, const nlohmann::json& v,
                                                  std::uint64_t data_size, const std::string& name) {
-  const std::string where = name + ": tensor '" + key + "'";
+  const std::string where = name + ": tensor " + quote_bytes(key);
   if (!v.is_object()) throw io_error(where + ": entry must be an object, got " + json_type(v));
   for (const char* field : {"dtype", "shape", "data_offsets"})
     if (!v.contains(field)) throw io_error(where + ": entry has no '" + field + "'");
@@ -124,13 +132,12 @@ inline safetensors_entry parse_safetensors_entry(const std::string& key, const n
   const auto dname = jd.get<std::string>();
   const auto dtype = dtype_from_safetensors_name(dname);
   if (!dtype)
-    throw io_error(where + ": unknown dtype '" + dname +
-                   "' (supported: F64 F32 F16 BF16 BOOL I8 I16 I32 I64 U8 U16 U32 U64)");
+    throw io_error(where + ": unknown dtype " + quote_bytes(dname) +
+                   " (supported: F64 F32 F16 BF16 BOOL I8 I16 I32 I64 U8 U16 U32 U64)");
 
   if (!js.is_array()) throw io_error(where + ": 'shape' must be an array, got " + json_type(js));
   Shape shape;
   shape.reserve(js.size());
-  Index count = 1;
   for (const auto& d : js) {
     if (!d.is_number_integer())
       throw io_error(where + ": shape " + js.dump() + " has a non-integer dimension " + d.dump());
@@ -138,15 +145,12 @@ inline safetensors_entry parse_safetensors_entry(const std::string& key, const n
     if (!dim) throw io_error(where + ": shape " + js.dump() + " has a negative or too large dimension " + d.dump());
     shape.push_back(*dim);
   }
-  for (Index dim : shape) {
-    if (dim != 0 && count > std::numeric_limits<Index>::max() / dim)
-      throw io_error(where + ": element count of shape " + js.dump() + " overflows");
-    count *= dim;
-  }
-  const auto item = static_cast<Index>(itemsize(*dtype));
-  if (count > std::numeric_limits<Index>::max() / item)
-    throw io_error(where + ": byte count of shape " + js.dump() + " overflows");
-  const auto nbytes = static_cast<std::uint64_t>(count * item);
+  const linen::detail::checked_size count = linen::detail::checked_element_count(shape);  // dims are >= 0
+  if (!count) throw io_error(where + ": element count of shape " + js.dump() + " overflows");
+  const linen::detail::checked_size bytes =
+      linen::detail::checked_byte_count(count.value, static_cast<Index>(itemsize(*dtype)));
+  if (!bytes) throw io_error(where + ": byte count of shape " + js.dump() + " overflows");
+  const auto nbytes = static_cast<std::uint64_t>(bytes.value);
 
   if (!jo.is_array() || jo.size() != 2)
     throw io_error(where + ": 'data_offsets' must be an array [begin, end], got " + jo.dump());
@@ -166,33 +170,6 @@ inline safetensors_entry parse_safetensors_entry(const std::string& key, const n
   return {key, *dtype, std::move(shape), off[0], off[1]};
 }
 
-// Reads a whole file; io_error names the file on failure.
-inline std::vector<std::uint8_t> read_file_bytes(const std::string& file) {
-  std::error_code ec;
-  const auto status = std::filesystem::status(file, ec);
-  if (ec || !std::filesystem::exists(status))
-    throw io_error(file + ": cannot open for reading: " + (ec ? ec.message() : std::string("no such file")));
-  if (!std::filesystem::is_regular_file(status)) throw io_error(file + ": not a regular file");
-  const auto len = std::filesystem::file_size(file, ec);
-  if (ec) throw io_error(file + ": cannot determine the file size: " + ec.message());
-  if (len > static_cast<std::uintmax_t>(std::numeric_limits<std::streamsize>::max()))
-    throw io_error(file + ": file too large (" + std::to_string(len) + " bytes)");
-  std::ifstream in(file, std::ios::binary);
-  if (!in) throw io_error(file + ": cannot open for reading: " + std::strerror(errno));
-  std::vector<std::uint8_t> bytes(static_cast<std::size_t>(len));
-  if (len > 0 && !in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(len)))
-    throw io_error(file + ": cannot read " + std::to_string(len) + " bytes");
-  return bytes;
-}
-
-inline void write_file_bytes(const std::string& file, const std::vector<std::uint8_t>& bytes) {
-  std::ofstream out(file, std::ios::binary | std::ios::trunc);
-  if (!out) throw io_error(file + ": cannot open for writing: " + std::strerror(errno));
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-  out.close();
-  if (!out) throw io_error(file + ": write failed");
-}
-
 }  // namespace detail
 
 // Reads a safetensors image of `size` bytes at `data`. `name` (the file name) starts
@@ -202,29 +179,38 @@ inline void write_file_bytes(const std::string& file, const std::vector<std::uin
 // that do not tile the data section exactly (overlaps, gaps, out of bounds,
 // trailing bytes), a `__metadata__` that is not an object of strings, or a tensor
 // name that is not a valid variable path.
-inline Variables parse_safetensors(const std::uint8_t* data, std::size_t size, const std::string& name = "<memory>") {
-  if (data == nullptr && size != 0) throw io_error(name + ": null data of size " + std::to_string(size));
+inline Variables parse_safetensors(const std::uint8_t* data, std::size_t size, const std::string& name = "<memory>");
+
+namespace detail {
+
+// parse_safetensors over a byte source (byte_source.hpp): everything is checked before
+// any tensor's bytes are read, then each tensor is read once, into its Array.
+template <class Source>
+Variables read_safetensors(Source& src, const std::string& name) {
+  const std::size_t size = src.size();
   if (size < 8) throw io_error(name + ": " + std::to_string(size) + " bytes, too short for the 8-byte header length");
-  const auto n = detail::load_le<std::uint64_t>(data);
+  std::uint8_t len[8];
+  src.read(0, 8, len);
+  const auto n = load_le<std::uint64_t>(len);
   if (n > kSafetensorsMaxHeader)
     throw io_error(name + ": header length " + std::to_string(n) + " exceeds the limit of " +
                    std::to_string(kSafetensorsMaxHeader) + " bytes");
   if (n > size - 8)
     throw io_error(name + ": header length " + std::to_string(n) + " runs past the end of the file (" +
                    std::to_string(size) + " bytes)");
-  const char* hbegin = reinterpret_cast<const char*>(data + 8);
+  std::string text(static_cast<std::size_t>(n), '\0');
+  src.read(8, text.size(), text.data());
   // nlohmann stops at a NUL as at the end of input, which would hide what follows;
   // JSON text never holds a raw NUL.
-  if (const void* nul = std::memchr(hbegin, 0, static_cast<std::size_t>(n)))
-    throw io_error(name + ": header is not valid JSON: NUL byte at header offset " +
-                   std::to_string(static_cast<const char*>(nul) - hbegin));
-  const nlohmann::json header = detail::parse_safetensors_header(hbegin, hbegin + n, name);
+  if (const auto nul = text.find('\0'); nul != std::string::npos)
+    throw io_error(name + ": header is not valid JSON: NUL byte at header offset " + std::to_string(nul));
+  const nlohmann::json header = parse_safetensors_header(text.data(), text.data() + text.size(), name);
   if (!header.is_object()) throw io_error(name + ": header must be a JSON object, got " + header.type_name());
 
-  const std::uint8_t* body = data + 8 + n;
+  const std::size_t body = 8 + static_cast<std::size_t>(n);
   const std::uint64_t data_size = size - 8 - n;
   Variables out;
-  std::vector<detail::safetensors_entry> entries;
+  std::vector<safetensors_entry> entries;
   entries.reserve(header.size());
   for (const auto& [key, value] : header.items()) {
     if (key == "__metadata__") {
@@ -232,28 +218,29 @@ inline Variables parse_safetensors(const std::uint8_t* data, std::size_t size, c
         throw io_error(name + ": __metadata__ must be an object of strings, got " + value.type_name());
       for (const auto& [mk, mv] : value.items()) {
         if (!mv.is_string())
-          throw io_error(name + ": __metadata__ value of '" + mk + "' must be a string, got " + mv.type_name());
-        out.metadata.emplace(mk, mv.get<std::string>());
+          throw io_error(name + ": __metadata__ value of " + quote_bytes(mk) + " must be a string, got " +
+                         mv.type_name());
+        out.metadata.emplace(mk, mv.template get<std::string>());
       }
       continue;
     }
     if (auto why = Variables::path_error(key))
-      throw io_error(name + ": tensor name '" + key + "' is not a valid variable path: " + *why);
-    entries.push_back(detail::parse_safetensors_entry(key, value, data_size, name));
+      throw io_error(name + ": tensor name " + quote_bytes(key) + " is not a valid variable path: " + *why);
+    entries.push_back(parse_safetensors_entry(key, value, data_size, name));
   }
 
   // Sorted by range, the tensors must tile [0, data_size) exactly.
-  std::vector<const detail::safetensors_entry*> order;
+  std::vector<const safetensors_entry*> order;
   order.reserve(entries.size());
   for (const auto& e : entries) order.push_back(&e);
   std::sort(order.begin(), order.end(), [](const auto* a, const auto* b) {
     return std::tie(a->begin, a->end, a->name) < std::tie(b->begin, b->end, b->name);
   });
   std::uint64_t pos = 0;
-  const detail::safetensors_entry* prev = nullptr;
+  const safetensors_entry* prev = nullptr;
   for (const auto* e : order) {
-    const auto range = [](const detail::safetensors_entry* x) {
-      return "'" + x->name + "' [" + std::to_string(x->begin) + ", " + std::to_string(x->end) + ")";
+    const auto range = [](const safetensors_entry* x) {
+      return quote_bytes(x->name) + " [" + std::to_string(x->begin) + ", " + std::to_string(x->end) + ")";
     };
     if (e->begin < pos) throw io_error(name + ": data of " + range(e) + " overlaps " + range(prev));
     if (e->begin > pos)
@@ -266,17 +253,31 @@ inline Variables parse_safetensors(const std::uint8_t* data, std::size_t size, c
                    std::to_string(data_size) + " bytes, tensors end at " + std::to_string(pos) + ")");
 
   for (auto& e : entries) {
-    std::vector<std::uint8_t> bytes(body + e.begin, body + e.end);
+    std::vector<std::uint8_t> bytes(static_cast<std::size_t>(e.end - e.begin));
+    src.read(body + static_cast<std::size_t>(e.begin), bytes.size(), bytes.data());
     out.set(e.name, Array(e.dtype, std::move(e.shape), std::move(bytes)));
   }
   return out;
 }
 
-// Reads the safetensors file `file`; io_error names the file on any fault
-// (cannot open or read, or any malformation listed at parse_safetensors).
+}  // namespace detail
+
+inline Variables parse_safetensors(const std::uint8_t* data, std::size_t size, const std::string& name) {
+  if (data == nullptr && size != 0) throw io_error(name + ": null data of size " + std::to_string(size));
+  static const std::uint8_t empty = 0;
+  detail::memory_source src(data ? data : &empty, size);
+  return detail::read_safetensors(src, name);
+}
+
+// Reads the safetensors file `file`; io_error names the file on any fault (cannot
+// open or read; not a regular file: a directory, a FIFO (never blocked on), a
+// device; or any malformation listed at parse_safetensors). Each tensor's bytes are
+// read once, from the file into its Array: the peak memory is the tensors' bytes
+// plus the header.
 inline Variables load_safetensors(const std::string& file) {
-  const auto bytes = detail::read_file_bytes(file);
-  return parse_safetensors(bytes.data(), bytes.size(), file);
+  detail::input_file in(file);
+  detail::file_source src(in);
+  return detail::read_safetensors(src, file);
 }
 
 // The safetensors image of `v`: tensors sorted by path, their data laid out

@@ -3,8 +3,9 @@
 // Flax variables as a flat, ordered store: the `{'params': {...}, 'cache': {...}}`
 // tree of a Flax module, flattened to paths joined with '/' ("params/query/kernel",
 // "cache/cache_index"), each holding one typed array. The loaders
-// (io/safetensors.hpp, io/msgpack.hpp) read into it and write from it; modules take
-// their parameters out of it with get<T, N>(path, expected_shape).
+// (io/safetensors.hpp, io/msgpack.hpp, io/checkpoint.hpp) read into it and write from
+// it; modules take their parameters out of it with get<T, N>(path, expected_shape);
+// unused_paths and list_tensors report on it.
 #ifndef LINEN_IO_VARIABLES_HPP
 #define LINEN_IO_VARIABLES_HPP
 
@@ -13,6 +14,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <optional>
@@ -26,213 +29,33 @@
 #include "../errors.hpp"
 #include "../tensor.hpp"
 #include "detail/bytes.hpp"
+#include "detail/text.hpp"
+#include "dtype.hpp"
 
 namespace linen::io {
 
-// The element types a stored array can have: safetensors' set, also numpy's.
-enum class DType { F16, BF16, F32, F64, I8, I16, I32, I64, U8, U16, U32, U64, BOOL };
-
-// Bytes per element (BOOL: one byte holding 0 or 1).
-inline std::size_t itemsize(DType d) {
-  switch (d) {
-    case DType::BOOL:
-    case DType::I8:
-    case DType::U8:
-      return 1;
-    case DType::F16:
-    case DType::BF16:
-    case DType::I16:
-    case DType::U16:
-      return 2;
-    case DType::F32:
-    case DType::I32:
-    case DType::U32:
-      return 4;
-    case DType::F64:
-    case DType::I64:
-    case DType::U64:
-      return 8;
-  }
-  throw linen::invalid_argument("linen::io: invalid DType value " + std::to_string(static_cast<int>(d)));
-}
-
-// safetensors' name of a dtype: "F32", "BF16", "BOOL", ...
-inline const char* safetensors_name(DType d) {
-  switch (d) {
-    case DType::F16:
-      return "F16";
-    case DType::BF16:
-      return "BF16";
-    case DType::F32:
-      return "F32";
-    case DType::F64:
-      return "F64";
-    case DType::I8:
-      return "I8";
-    case DType::I16:
-      return "I16";
-    case DType::I32:
-      return "I32";
-    case DType::I64:
-      return "I64";
-    case DType::U8:
-      return "U8";
-    case DType::U16:
-      return "U16";
-    case DType::U32:
-      return "U32";
-    case DType::U64:
-      return "U64";
-    case DType::BOOL:
-      return "BOOL";
-  }
-  throw linen::invalid_argument("linen::io: invalid DType value " + std::to_string(static_cast<int>(d)));
-}
-
-// numpy's name of a dtype: "float32", "bfloat16", "bool", ... (what Flax msgpack stores).
-inline const char* numpy_name(DType d) {
-  switch (d) {
-    case DType::F16:
-      return "float16";
-    case DType::BF16:
-      return "bfloat16";
-    case DType::F32:
-      return "float32";
-    case DType::F64:
-      return "float64";
-    case DType::I8:
-      return "int8";
-    case DType::I16:
-      return "int16";
-    case DType::I32:
-      return "int32";
-    case DType::I64:
-      return "int64";
-    case DType::U8:
-      return "uint8";
-    case DType::U16:
-      return "uint16";
-    case DType::U32:
-      return "uint32";
-    case DType::U64:
-      return "uint64";
-    case DType::BOOL:
-      return "bool";
-  }
-  throw linen::invalid_argument("linen::io: invalid DType value " + std::to_string(static_cast<int>(d)));
-}
-
-inline constexpr DType kAllDTypes[] = {DType::F16, DType::BF16, DType::F32, DType::F64, DType::I8,
-                                       DType::I16, DType::I32,  DType::I64, DType::U8,  DType::U16,
-                                       DType::U32, DType::U64,  DType::BOOL};
-
-// The dtype whose safetensors name is `name` ("F32" -> F32); nullopt if none is.
-inline std::optional<DType> dtype_from_safetensors_name(std::string_view name) {
-  for (DType d : kAllDTypes)
-    if (name == safetensors_name(d)) return d;
-  return std::nullopt;
-}
-
-// The dtype whose numpy name is `name` ("float32" -> F32); nullopt if none is.
-inline std::optional<DType> dtype_from_numpy_name(std::string_view name) {
-  for (DType d : kAllDTypes)
-    if (name == numpy_name(d)) return d;
-  return std::nullopt;
-}
-
 namespace detail {
-template <class>
-inline constexpr bool always_false_v = false;
-}  // namespace detail
-
-// The dtype of a C++ element type: float -> F32, Eigen::bfloat16 -> BF16, bool -> BOOL,
-// std::int32_t -> I32, ... Any other type is a compile error.
-template <class T>
-constexpr DType dtype_of() {
-  if constexpr (std::is_same_v<T, Eigen::half>)
-    return DType::F16;
-  else if constexpr (std::is_same_v<T, Eigen::bfloat16>)
-    return DType::BF16;
-  else if constexpr (std::is_same_v<T, float>)
-    return DType::F32;
-  else if constexpr (std::is_same_v<T, double>)
-    return DType::F64;
-  else if constexpr (std::is_same_v<T, bool>)
-    return DType::BOOL;
-  else if constexpr (std::is_same_v<T, std::int8_t>)
-    return DType::I8;
-  else if constexpr (std::is_same_v<T, std::int16_t>)
-    return DType::I16;
-  else if constexpr (std::is_same_v<T, std::int32_t>)
-    return DType::I32;
-  else if constexpr (std::is_same_v<T, std::int64_t>)
-    return DType::I64;
-  else if constexpr (std::is_same_v<T, std::uint8_t>)
-    return DType::U8;
-  else if constexpr (std::is_same_v<T, std::uint16_t>)
-    return DType::U16;
-  else if constexpr (std::is_same_v<T, std::uint32_t>)
-    return DType::U32;
-  else if constexpr (std::is_same_v<T, std::uint64_t>)
-    return DType::U64;
-  else
-    static_assert(detail::always_false_v<T>, "linen::io: no stored dtype for this element type");
-}
-
-namespace detail {
-
-template <class T>
-struct type_tag {
-  using type = T;
-};
-
-// Calls f(type_tag<C++ type of d>{}).
-template <class F>
-decltype(auto) visit_dtype(DType d, F&& f) {
-  switch (d) {
-    case DType::F16:
-      return f(type_tag<Eigen::half>{});
-    case DType::BF16:
-      return f(type_tag<Eigen::bfloat16>{});
-    case DType::F32:
-      return f(type_tag<float>{});
-    case DType::F64:
-      return f(type_tag<double>{});
-    case DType::I8:
-      return f(type_tag<std::int8_t>{});
-    case DType::I16:
-      return f(type_tag<std::int16_t>{});
-    case DType::I32:
-      return f(type_tag<std::int32_t>{});
-    case DType::I64:
-      return f(type_tag<std::int64_t>{});
-    case DType::U8:
-      return f(type_tag<std::uint8_t>{});
-    case DType::U16:
-      return f(type_tag<std::uint16_t>{});
-    case DType::U32:
-      return f(type_tag<std::uint32_t>{});
-    case DType::U64:
-      return f(type_tag<std::uint64_t>{});
-    case DType::BOOL:
-      return f(type_tag<bool>{});
-  }
-  throw linen::invalid_argument("linen::io: invalid DType value " + std::to_string(static_cast<int>(d)));
-}
 
 template <class T>
 inline constexpr bool is_float_v = std::is_floating_point_v<T> || is_half_type_v<T>;
 
-// Element count of `shape`, or io_error naming `what` on a negative dim or overflow.
+// Element count of `shape` (linen::detail::checked_element_count), or io_error naming
+// `what` on a negative dim or overflow.
 inline Index checked_count(const Shape& shape, const std::string& what) {
-  Index n = 1;
-  for (Index d : shape) {
-    if (d < 0) throw io_error(what + ": negative dimension in shape " + to_string(shape));
-    if (d != 0 && n > std::numeric_limits<Index>::max() / d)
-      throw io_error(what + ": element count of shape " + to_string(shape) + " overflows");
-    n *= d;
-  }
-  return n;
+  const linen::detail::checked_size n = linen::detail::checked_element_count(shape);
+  if (n.fault == linen::detail::size_fault::negative_dimension)
+    throw io_error(what + ": negative dimension in shape " + to_string(shape));
+  if (n.fault == linen::detail::size_fault::overflow)
+    throw io_error(what + ": element count of shape " + to_string(shape) + " overflows");
+  return n.value;
+}
+
+// A float value for an error message, with the digits that identify it.
+template <class S>
+std::string float_string(S v) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%.*g", std::is_same_v<S, double> ? 17 : 9, static_cast<double>(v));
+  return buf;
 }
 
 // Does integer v fit in integer type To?
@@ -297,13 +120,14 @@ class Array {
   Array(DType dtype, Shape shape, std::vector<std::uint8_t> bytes)
       : dtype_(dtype), shape_(std::move(shape)), bytes_(std::move(bytes)) {
     size_ = detail::checked_count(shape_, std::string("array of dtype ") + numpy_name(dtype_));
-    const auto item = static_cast<Index>(itemsize(dtype_));
-    if (size_ > std::numeric_limits<Index>::max() / item)
+    const linen::detail::checked_size nbytes =
+        linen::detail::checked_byte_count(size_, static_cast<Index>(itemsize(dtype_)));
+    if (!nbytes)
       throw io_error("array of shape " + to_string(shape_) + " and dtype " + numpy_name(dtype_) +
                      ": byte count overflows");
-    if (static_cast<Index>(bytes_.size()) != size_ * item)
+    if (static_cast<Index>(bytes_.size()) != nbytes.value)
       throw io_error("array of shape " + to_string(shape_) + " and dtype " + numpy_name(dtype_) + " needs " +
-                     std::to_string(size_ * item) + " bytes, got " + std::to_string(bytes_.size()));
+                     std::to_string(nbytes.value) + " bytes, got " + std::to_string(bytes_.size()));
   }
 
   DType dtype() const { return dtype_; }
@@ -338,9 +162,13 @@ class Array {
     return Array(d, std::move(shape), std::move(bytes));
   }
 
-  // The array as a rank-N tensor of T. Conversions:
-  //   float <-> float in any direction (F64/F32/F16/BF16), rounding to nearest even;
-  //   integer or bool -> float (throws if the value overflows float16);
+  // The array as a rank-N tensor of T. Conversions compute what Flax's promote_dtype
+  // (jnp.asarray(x, dtype)) computes, and throw where that would be inf from a finite value:
+  //   float <-> float in any direction (F64/F32/F16/BF16), rounding to nearest even; a
+  //   finite value that rounds to +-inf in T (float64 1e300 -> float32, float32 1e30 ->
+  //   float16) throws naming the value and its flat index; stored inf and NaN stay so;
+  //   integer or bool -> float, rounding to nearest even (bool as 0/1); a value that
+  //   overflows T (float16 above 65504) throws likewise;
   //   integer -> integer with a range check (throws naming the first value that
   //   does not fit); bool -> integer as 0/1;
   //   bool <- BOOL or U8 holding only 0/1.
@@ -428,7 +256,11 @@ class Array {
                              std::to_string(i) + ", which overflows " + dtype_name<T>());
           }
         } else {
-          dst[i] = detail::float_cast<T>(detail::load_element<S>(p));
+          const S v = detail::load_element<S>(p);
+          dst[i] = detail::float_cast<T>(v);
+          if (!std::is_same_v<S, T> && !Eigen::numext::isfinite(dst[i]) && Eigen::numext::isfinite(v))
+            throw io_error(what + ": " + describe() + " holds " + detail::float_string(v) + " at flat index " +
+                           std::to_string(i) + ", which overflows " + dtype_name<T>());
         }
       }
     } else {
@@ -594,6 +426,66 @@ class Variables {
 
   map_type tensors_;
 };
+
+// ---- utilities over Variables ------------------------------------------------
+
+// The paths of `all` that lie under none of `used_prefixes` (a path is under p when
+// it equals p or starts with p + "/"; a trailing '/' on p is ignored; "" covers
+// everything), in path order: what binding modules by path left unread, e.g.
+//   unused_paths(vars, {"params/encoder", "cache/encoder"}).
+inline std::vector<std::string> unused_paths(const Variables& all, const std::vector<std::string>& used_prefixes) {
+  std::vector<std::string> prefixes;
+  prefixes.reserve(used_prefixes.size());
+  for (std::string p : used_prefixes) {
+    while (!p.empty() && p.back() == '/') p.pop_back();
+    prefixes.push_back(std::move(p));
+  }
+  std::vector<std::string> out;
+  for (const auto& kv : all) {
+    const std::string& path = kv.first;
+    const bool used = std::any_of(prefixes.begin(), prefixes.end(), [&](const std::string& p) {
+      return p.empty() || (path.compare(0, p.size(), p) == 0 && (path.size() == p.size() || path[p.size()] == '/'));
+    });
+    if (!used) out.push_back(path);
+  }
+  return out;
+}
+
+// An h5ls-style listing of `v`: a header line, then one line per array in path
+// order with its path (bytes other than printable ASCII shown as \xNN, so a NUL or a
+// control byte in a name from a file is seen, not acted on), numpy dtype name, shape
+// and byte count in aligned columns, then "<n> arrays, <total> bytes", then one line
+// "metadata <key> = <value>" per metadata entry (values cut after 57 bytes), escaped
+// alike. E.g.
+//   path               dtype    shape           bytes
+//   cache/cache_index  int32    ()                  4
+//   params/out/bias    float32  (16,)              64
+//   2 arrays, 68 bytes
+inline std::string list_tensors(const Variables& v) {
+  std::size_t wp = 4, wd = 5, ws = 5, wb = 5;
+  std::uint64_t total = 0;
+  for (const auto& [path, a] : v) {
+    wp = std::max(wp, detail::escape_bytes(path).size());
+    wd = std::max(wd, std::strlen(numpy_name(a.dtype())));
+    ws = std::max(ws, to_string(a.shape()).size());
+    wb = std::max(wb, std::to_string(a.bytes().size()).size());
+    total += a.bytes().size();
+  }
+  auto row = [&](const std::string& p, const std::string& d, const std::string& s, const std::string& b) {
+    std::string line = p + std::string(wp - p.size() + 2, ' ') + d + std::string(wd - d.size() + 2, ' ') + s +
+                       std::string(ws - s.size() + 2, ' ') + std::string(wb - b.size(), ' ') + b;
+    return line + "\n";
+  };
+  std::string out = row("path", "dtype", "shape", "bytes");
+  for (const auto& [path, a] : v)
+    out += row(detail::escape_bytes(path), numpy_name(a.dtype()), to_string(a.shape()), std::to_string(a.bytes().size()));
+  out += std::to_string(v.size()) + (v.size() == 1 ? " array, " : " arrays, ") + std::to_string(total) + " bytes\n";
+  for (const auto& [key, value] : v.metadata) {
+    const std::string shown = value.size() > 60 ? value.substr(0, 57) + "..." : value;
+    out += "metadata " + detail::escape_bytes(key) + " = " + detail::escape_bytes(shown) + "\n";
+  }
+  return out;
+}
 
 }  // namespace linen::io
 
