@@ -854,4 +854,299 @@ TEST(FusedMemory, PeakAllocationIsLinearInLength) {
 #endif
 }
 
+// ---------------------------------------------------------------------------------------
+// The micro-GEMM family: every blocking, packet width and remainder path gives the same
+// bits, so the backward's tiles (BackwardBlocking, gemm::product) recompute exactly the
+// forward's logits (ForwardBlocking, one strip with the running max).
+
+template <class C, class P, int MR, int NR>
+std::vector<C> backward_style_product(Index M, Index N, Index K, const std::vector<C>& a, Index am, Index at,
+                                      const std::vector<C>& b, Index bt, const std::vector<C>* init) {
+  std::vector<C> c(static_cast<std::size_t>(M * N), C(0));
+  if (init) c = *init;
+  linen::detail::gemm::product<P, MR, NR>(M, N, K, a.data(), am, at, b.data(), bt, c.data(), N,
+                                          linen::detail::gemm::ZeroOrLoad{init != nullptr},
+                                          linen::detail::gemm::Store{});
+  return c;
+}
+
+template <class C, class P = linen::detail::simd::packet_t<C>, class FB = linen::detail::gemm::ForwardBlocking<P>,
+          class BB = linen::detail::gemm::BackwardBlocking<P>, int W = linen::detail::simd::size_v<P>>
+void check_micro_gemm_family() {
+  namespace gemm = linen::detail::gemm;
+  constexpr Index QB = Index{FB::NR} * W;
+  std::mt19937 g(31);
+  std::normal_distribution<double> nd;
+  for (Index nk : {1, 2, 5, 6, 7, 13, 24}) {
+    for (Index D : {1, 3, 8, 17, 33}) {
+      // K [nk][D] with a row stride > D (read in place, as through Flax's strides), Q^T [D][QB]
+      const Index ks = D + 3;
+      std::vector<C> k(static_cast<std::size_t>(nk * ks)), qt(static_cast<std::size_t>(D * QB));
+      for (auto& x : k) x = static_cast<C>(nd(g));
+      for (auto& x : qt) x = static_cast<C>(nd(g));
+      // the forward: one strip of QB rows, the running max on the way
+      std::vector<C> fwd(static_cast<std::size_t>(nk * QB));
+      P mx[FB::NR];
+      for (auto& m : mx) m = linen::detail::simd::set1<P>(-std::numeric_limits<C>::infinity());
+      gemm::strip<P, FB::MR, FB::NR>(nk, D, k.data(), ks, 1, qt.data(), QB, fwd.data(), QB, 0, gemm::Zero{},
+                                     gemm::StoreMax<P>{mx});
+      const auto want_bits = [&](const std::vector<C>& got, const char* what) {
+        ASSERT_EQ(got.size(), fwd.size());
+        for (std::size_t i = 0; i < fwd.size(); ++i)
+          ASSERT_EQ(got[i], fwd[i]) << what << ": nk " << nk << " D " << D << " element " << i;
+      };
+      want_bits(backward_style_product<C, P, BB::MR, BB::NR>(nk, QB, D, k, ks, 1, qt, QB, nullptr), "backward blocking");
+      want_bits(backward_style_product<C, P, 1, 1>(nk, QB, D, k, ks, 1, qt, QB, nullptr), "1 x 1 blocks");
+      want_bits(backward_style_product<C, C, 3, 1>(nk, QB, D, k, ks, 1, qt, QB, nullptr), "scalar member");
+      // the running max is the max of the tile's columns
+      alignas(64) C lanes[W];
+      for (int v = 0; v < FB::NR; ++v) {
+        linen::detail::simd::store(lanes, mx[v]);
+        for (int l = 0; l < W; ++l) {
+          C m = -std::numeric_limits<C>::infinity();
+          for (Index j = 0; j < nk; ++j) m = std::max(m, fwd[static_cast<std::size_t>(j * QB + v * W + l)]);
+          ASSERT_EQ(lanes[l], m);
+        }
+      }
+      // O^T = alpha O^T + V^T P^T (Rescale) equals the accumulating product on alpha O^T
+      std::vector<C> alpha(static_cast<std::size_t>(QB)), ot(static_cast<std::size_t>(D * QB));
+      for (auto& x : alpha) x = static_cast<C>(std::abs(nd(g)));
+      for (auto& x : ot) x = static_cast<C>(nd(g));
+      std::vector<C> scaled = ot;
+      for (Index c = 0; c < D; ++c)
+        for (Index r = 0; r < QB; ++r) scaled[static_cast<std::size_t>(c * QB + r)] *= alpha[static_cast<std::size_t>(r)];
+      P av[FB::NR];
+      for (int v = 0; v < FB::NR; ++v) av[v] = linen::detail::simd::load<P>(alpha.data() + v * W);
+      std::vector<C> pv = ot;  // V = k read as [nk keys][D columns], P^T = fwd
+      gemm::strip<P, FB::MR, FB::NR>(D, nk, k.data(), 1, ks, fwd.data(), QB, pv.data(), QB, 0, gemm::Rescale<P>{av},
+                                     gemm::Store{});
+      const auto acc = backward_style_product<C, P, BB::MR, BB::NR>(D, QB, nk, k, 1, ks, fwd, QB, &scaled);
+      for (std::size_t i = 0; i < pv.size(); ++i) ASSERT_EQ(acc[i], pv[i]) << "rescale: nk " << nk << " D " << D;
+    }
+  }
+  // Columns that are no multiple of the packet: strips of one packet, then the scalar member.
+  for (Index N : {1, W - 1 > 0 ? W - 1 : 1, W + 3, 3 * W + 1}) {
+    const Index M = 11, K = 9;
+    std::vector<C> a(static_cast<std::size_t>(M * K)), b(static_cast<std::size_t>(K * N));
+    for (auto& x : a) x = static_cast<C>(nd(g));
+    for (auto& x : b) x = static_cast<C>(nd(g));
+    const auto wide = backward_style_product<C, P, BB::MR, BB::NR>(M, N, K, a, K, 1, b, N, nullptr);
+    const auto scalar = backward_style_product<C, C, 1, 1>(M, N, K, a, K, 1, b, N, nullptr);
+    for (std::size_t i = 0; i < wide.size(); ++i) ASSERT_EQ(wide[i], scalar[i]) << "N " << N << " element " << i;
+    // and the plain sums, to rounding
+    for (Index m = 0; m < M; ++m)
+      for (Index n = 0; n < N; ++n) {
+        double e = 0;
+        for (Index t = 0; t < K; ++t)
+          e += double(a[static_cast<std::size_t>(m * K + t)]) * double(b[static_cast<std::size_t>(t * N + n)]);
+        EXPECT_NEAR(double(wide[static_cast<std::size_t>(m * N + n)]), e, 1e-4 * (1 + std::abs(e)));
+      }
+  }
+}
+
+TEST(MicroGemm, EveryBlockingGivesTheForwardsBitsFloat) { check_micro_gemm_family<float>(); }
+TEST(MicroGemm, EveryBlockingGivesTheForwardsBitsDouble) { check_micro_gemm_family<double>(); }
+
+// ---------------------------------------------------------------------------------------
+// The logit policy states Flax's rules: each checked against Flax's arithmetic written
+// out here, and against the reference at the edges (a fully masked row, a -inf bias row,
+// a bias equal to the mask value, half types).
+
+TYPED_TEST(FusedTyped, FlaxPolicyStatesFlaxsRules) {
+  using T = TypeParam;
+  using C = linen::accum_t<T>;
+  using Policy = linen::detail::FlaxLogits<T>;
+  const T scale = linen::detail::depth_scale<T>(7);
+  EXPECT_EQ(static_cast<double>(scale), static_cast<double>(static_cast<T>(std::is_same_v<T, double>
+                                                                                 ? std::sqrt(7.0)
+                                                                                 : double(std::sqrt(7.0f)))));
+  for (bool fp32 : {false, true}) {
+    const Policy pol(scale, linen::detail::flax_keep_scale<T>(0.3), fp32);
+    // query / sqrt(depth) in dtype
+    for (double q : {1.0, -2.5, 0.1, 3.3e4})
+      EXPECT_EQ(pol.query(static_cast<T>(q)), static_cast<C>(static_cast<T>(static_cast<T>(q) / scale)));
+    // the product stored in dtype (half types round), the bias added in dtype
+    const C s = static_cast<C>(1.00048828125 + 1e-6);
+    EXPECT_EQ(pol.logit(s), static_cast<C>(static_cast<T>(s)));
+    EXPECT_EQ(Policy::changes_logits(), linen::is_half_type_v<T>);
+    EXPECT_EQ(pol.add_bias(pol.logit(s), T(0.25f)), static_cast<C>(static_cast<T>(pol.logit(s) + C(0.25f))));
+    EXPECT_TRUE(std::isinf(pol.add_bias(s, -std::numeric_limits<T>::infinity())));
+    // masked logits: finfo(dtype).min, where the running max starts too
+    EXPECT_EQ(Policy::mask_value(), static_cast<C>(std::numeric_limits<T>::lowest()));
+    EXPECT_EQ(Policy::initial_max(), Policy::mask_value());
+    EXPECT_FALSE(Policy::masked_vanish(Policy::mask_value()));  // a fully masked row: weights 1 / Lk
+    EXPECT_TRUE(Policy::masked_vanish(C(0)));
+    // weights in dtype unless force_fp32_for_softmax; dropout's keep / keep_prob in dtype
+    EXPECT_EQ(pol.rounds_weights(), linen::is_half_type_v<T> && !fp32);
+    const C w = C(1) / C(3);
+    EXPECT_EQ(pol.weight(w), pol.rounds_weights() ? static_cast<C>(static_cast<T>(w)) : w);
+    EXPECT_EQ(pol.keep_scale(), static_cast<C>(T(1) / static_cast<T>(0.7)));
+    EXPECT_EQ(pol.dropout(w, false), C(0));
+    EXPECT_EQ(pol.dropout(w, true), pol.weight(w * pol.keep_scale()));
+    EXPECT_EQ(pol.query_derivative(), C(1) / static_cast<C>(scale));
+  }
+  // At the edges the reference and both fused kernels agree with the policy's rules:
+  // row 0 fully masked (uniform weights), row 1 a bias of mask_value on every key but one
+  // (that key takes all the weight), row 2 a -inf bias (NaN), row 3 plain.
+  Problem<T> p;
+  p.lq = 4;
+  p.lk = 9;
+  p.d = 5;
+  p.dv = 3;
+  std::mt19937 g(12);
+  fill_normal(p.q, 20, g);
+  fill_normal(p.k, 45, g);
+  fill_normal(p.v, 27, g);
+  p.has_mask = true;
+  p.mask_shape = {4, 9};
+  p.mask.assign(36, 1);
+  for (Index j = 0; j < 9; ++j) p.mask[static_cast<std::size_t>(j)] = 0;
+  p.has_bias = true;
+  p.bias_shape = {4, 9};
+  p.bias.assign(36, T(0));
+  for (Index j = 0; j < 9; ++j) {
+    if (j != 4) p.bias[static_cast<std::size_t>(9 + j)] = std::numeric_limits<T>::lowest();
+    p.bias[static_cast<std::size_t>(18 + j)] = -std::numeric_limits<T>::infinity();
+  }
+  const auto ref = run_reference(p);
+  for (Index c = 0; c < 3; ++c) {
+    double mean = 0;
+    for (Index j = 0; j < 9; ++j) mean += static_cast<double>(p.v[static_cast<std::size_t>(j * 3 + c)]) / 9;
+    EXPECT_NEAR(static_cast<double>(ref[static_cast<std::size_t>(c)]), mean, 4 * tol<T>());
+    EXPECT_EQ(static_cast<double>(ref[static_cast<std::size_t>(3 + c)]),
+              static_cast<double>(p.v[static_cast<std::size_t>(4 * 3 + c)]));  // the one key, weight exactly 1
+    EXPECT_TRUE(std::isnan(static_cast<double>(ref[static_cast<std::size_t>(6 + c)])));
+  }
+  for (int path : {kTiled, kRows})
+    for (Index tk : {0, 2}) {
+      const auto fused = run_fused(p, tiles(tk, 0, 3, path));
+      EXPECT_LE(rel_err(fused, ref), tol<T>()) << "path " << path << " tk " << tk;
+      for (Index c = 0; c < 3; ++c)
+        EXPECT_EQ(static_cast<double>(fused[static_cast<std::size_t>(3 + c)]),
+                  static_cast<double>(ref[static_cast<std::size_t>(3 + c)]));
+    }
+}
+
+// The forward's statistics for the backward (AttentionProblem::row_max, row_sum,
+// out_acc): the softmax's max and denominator of every row, on both kernels; a fully
+// masked row keeps m = finfo.min and l = Lk; out_acc rounds to out.
+TYPED_TEST(FusedTyped, RowStatisticsAreTheSoftmaxs) {
+  using T = TypeParam;
+  using C = linen::accum_t<T>;
+  using Policy = linen::detail::FlaxLogits<T>;
+  std::mt19937 g(14);
+  Problem<T> p;
+  p.batch = {2};
+  p.lq = 5;
+  p.lk = 23;
+  p.h = 2;
+  p.d = 6;
+  p.dv = 4;
+  fill_normal(p.q, 2 * 5 * 2 * 6, g);
+  fill_normal(p.k, 2 * 23 * 2 * 6, g);
+  fill_normal(p.v, 2 * 23 * 2 * 4, g);
+  p.has_mask = true;
+  p.mask_shape = {2, 1, 5, 23};
+  p.mask.assign(2 * 5 * 23, 1);
+  for (Index j = 0; j < 23; ++j) p.mask[static_cast<std::size_t>(5 * 23 + 2 * 23 + j)] = 0;  // batch 1, row 2
+  for (Index j = 0; j < 23; j += 3) p.mask[static_cast<std::size_t>(j)] = 0;
+  p.causal = true;
+  const auto d = linen::detail::check_qkv(p.shape(p.lq, p.d), p.shape(p.lk, p.d), p.shape(p.lk, p.dv), "test");
+  const linen::detail::Broadcast<bool> mask(linen::ArrayRef<bool>(reinterpret_cast<const bool*>(p.mask.data()),
+                                                                  p.mask_shape),
+                                            d, "mask");
+  const Policy pol(linen::detail::depth_scale<T>(p.d), C(1), false);
+  for (int path : {kTiled, kRows}) {
+    for (Index tk : {0, 4}) {
+      std::vector<T> out(static_cast<std::size_t>(2 * 5 * 2 * 4));
+      std::vector<C> out_acc(out.size()), m(2 * 2 * 5), l(m.size());
+      auto a = linen::detail::flax_problem(d, p.q.data(), p.k.data(), p.v.data(), out.data());
+      a.mask = mask.view();
+      a.causal = true;
+      a.row_max = m.data();
+      a.row_sum = l.data();
+      a.out_acc = out_acc.data();
+      a.tuning = tiles(tk, 0, 7, path);
+      linen::detail::fused_attention(a);
+      EXPECT_LE(rel_err(out, run_reference(p)), tol<T>()) << "path " << path;
+      for (std::size_t i = 0; i < out.size(); ++i) ASSERT_EQ(static_cast<double>(out[i]), double(static_cast<T>(out_acc[i])));
+      for (Index b = 0; b < 2; ++b)
+        for (Index h = 0; h < 2; ++h)
+          for (Index i = 0; i < 5; ++i) {
+            // the row's logits by the policy, in double from there
+            std::vector<double> s(23);
+            double mx = static_cast<double>(Policy::initial_max());
+            for (Index j = 0; j < 23; ++j) {
+              double x = 0;
+              for (Index c = 0; c < 6; ++c)
+                x += double(pol.query(p.q[static_cast<std::size_t>(((b * 5 + i) * 2 + h) * 6 + c)])) *
+                     double(static_cast<C>(p.k[static_cast<std::size_t>(((b * 23 + j) * 2 + h) * 6 + c)]));
+              x = double(pol.logit(static_cast<C>(x)));
+              if (!p.mask[static_cast<std::size_t>((b * 5 + i) * 23 + j)] || j > i) x = double(Policy::mask_value());
+              s[static_cast<std::size_t>(j)] = x;
+              mx = std::max(mx, x);
+            }
+            double sum = 0;
+            for (double x : s) sum += std::exp(x - mx);
+            const std::size_t r = static_cast<std::size_t>((b * 2 + h) * 5 + i);
+            if (b == 1 && i == 2) {  // fully masked
+              EXPECT_EQ(m[r], Policy::mask_value());
+              EXPECT_EQ(l[r], C(23));
+            } else {
+              EXPECT_NEAR(double(m[r]), mx, 1e-5 * (1 + std::abs(mx)) + (linen::is_half_type_v<T> ? 2e-2 : 0))
+                  << "path " << path << " b " << b << " h " << h << " row " << i;
+              EXPECT_NEAR(double(l[r]), sum, 1e-4 * sum + (linen::is_half_type_v<T> ? 5e-2 * sum : 0));
+            }
+          }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The thread loop (detail/parallel.hpp), which every parallel part of linen uses.
+
+TEST(ThreadLoop, EveryItemOnceAndTheFirstExceptionRethrown) {
+  Eigen::ThreadPool pool(3);
+  for (Index items : {0, 1, 7, 100}) {
+    std::vector<std::atomic<int>> seen(static_cast<std::size_t>(items));
+    linen::detail::parallel_for(&pool, 4, items, [&](int worker, Index it) {
+      EXPECT_GE(worker, 0);
+      EXPECT_LT(worker, 4);
+      seen[static_cast<std::size_t>(it)].fetch_add(1);
+    });
+    for (const auto& s : seen) EXPECT_EQ(s.load(), 1);
+  }
+  for (Eigen::ThreadPoolInterface* p : {static_cast<Eigen::ThreadPoolInterface*>(&pool),
+                                        static_cast<Eigen::ThreadPoolInterface*>(nullptr)}) {
+    std::atomic<int> ran{0};
+    try {
+      linen::detail::run_workers(p, 3, [&](int w) {
+        ran.fetch_add(1);
+        if (w == 1) throw linen::invalid_argument("linen: worker 1");
+      });
+      ADD_FAILURE() << "no exception";
+    } catch (const linen::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("worker 1"), std::string::npos);
+    }
+    EXPECT_GE(ran.load(), 1);
+  }
+}
+
+// Called from inside a task of a busy one-thread pool, the loop does its items itself
+// (no task waits for a thread that never comes).
+TEST(ThreadLoop, InsideABusyPoolTheCallerDoesTheWork) {
+  Eigen::ThreadPool pool(1);
+  std::atomic<int> done{0};
+  std::vector<int> shares(4, 0);
+  Eigen::Barrier finished(1);
+  pool.Schedule([&] {
+    linen::detail::run_workers(&pool, 4, [&](int w) { shares[static_cast<std::size_t>(w)] += 1; });
+    linen::detail::parallel_for(&pool, 2, 50, [&](int, Index) { done.fetch_add(1); });
+    finished.Notify();
+  });
+  finished.Wait();
+  EXPECT_EQ(done.load(), 50);
+  for (int s : shares) EXPECT_EQ(s, 1);
+}
+
 }  // namespace

@@ -318,6 +318,46 @@ struct DtypeNames {
 };
 TYPED_TEST_SUITE(DpaVjpTypes, ElementTypes, DtypeNames);
 
+// One forward: the fused vjp's output is dot_product_attention's fused output bit for
+// bit (the same kernel, which also keeps the softmax statistics for the backward), on the
+// tiled and the row (one or two queries) kernels, with a pool or without.
+TYPED_TEST(DpaVjpTypes, FusedOutputIsTheFusedForwardsBits) {
+  using T = TypeParam;
+  std::mt19937 gen(23);
+  Eigen::ThreadPool pool(3);
+  for (Index lq : {1, 2, 9, 40}) {
+    const Index lk = 37;
+    const Tensor<T, 4> q = random_tensor<double, 4>({2, lq, 2, 8}, gen).cast<T>();
+    const Tensor<T, 4> k = random_tensor<double, 4>({2, lk, 2, 8}, gen).cast<T>();
+    const Tensor<T, 4> v = random_tensor<double, 4>({2, lk, 2, 5}, gen).cast<T>();
+    const Tensor<T, 4> ct = random_tensor<double, 4>({2, lq, 2, 5}, gen).cast<T>();
+    const Tensor<T, 3> b = random_tensor<double, 3>({2, lq, lk}, gen).cast<T>();
+    Tensor<bool, 4> mask(2, 1, lq, lk);
+    std::bernoulli_distribution keep(0.8);
+    for (Index i = 0; i < mask.size(); ++i) mask.data()[i] = keep(gen);
+    for (Index j = 0; j < lk; ++j) mask(1, 0, 0, j) = false;  // a fully masked row
+    for (int variant = 0; variant < 3; ++variant) {
+      linen::AttentionOptions<T> o;
+      o.implementation = linen::Implementation::Fused;
+      o.mask = mask;
+      if (variant >= 1) o.bias = b;
+      if (variant == 2) {
+        o.is_causal = true;
+        o.dropout_rate = 0.25;
+        o.broadcast_dropout = false;
+        o.dropout_rng = linen::random::key(9);
+      }
+      for (Eigen::ThreadPoolInterface* p : {static_cast<Eigen::ThreadPoolInterface*>(nullptr),
+                                            static_cast<Eigen::ThreadPoolInterface*>(&pool)}) {
+        o.thread_pool = p;
+        const Tensor<T, 4> y = linen::dot_product_attention(q, k, v, o);
+        const auto g = linen::dot_product_attention_vjp(q, k, v, ct, o);
+        EXPECT_TRUE(bit_equal(g.output, y)) << "lq " << lq << " variant " << variant << " pool " << (p != nullptr);
+      }
+    }
+  }
+}
+
 // Every type: the reference output is dot_product_attention's bit for bit, and both
 // kernels' cotangents agree with the double computation on the same (rounded) inputs.
 TYPED_TEST(DpaVjpTypes, AgreeWithDouble) {

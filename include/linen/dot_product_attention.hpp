@@ -12,7 +12,8 @@
 // [q_length, kv_length] weights of one head at a time, Flax's rounding points to the
 // letter; always used by dot_product_attention_weights and when sowing weights) and the
 // fused kernel of detail/fused_attention.hpp (tiled online softmax, O(L) memory,
-// threads, causal tile skipping), chosen by AttentionOptions::implementation.
+// threads, causal tile skipping), chosen by AttentionOptions::implementation. Both apply
+// the one statement of Flax's logit rules, detail::FlaxLogits (detail/attention/policy.hpp).
 #ifndef LINEN_DOT_PRODUCT_ATTENTION_HPP
 #define LINEN_DOT_PRODUCT_ATTENTION_HPP
 
@@ -85,38 +86,6 @@ struct AttentionOptions {
 
 namespace detail {
 
-template <class T>
-T round_to(accum_t<T> x) {
-  return static_cast<T>(x);
-}
-
-// Flax's `query / jnp.sqrt(depth).astype(dtype)`: sqrt in float32 (float64 under x64).
-template <class T>
-T depth_scale(Index depth) {
-  if constexpr (std::is_same_v<T, double>) {
-    return std::sqrt(static_cast<double>(depth));
-  } else {
-    return static_cast<T>(std::sqrt(static_cast<float>(depth)));
-  }
-}
-
-// Validated dimensions of one attention problem, batch dims flattened.
-struct AttentionDims {
-  Shape batch;              // batch dims [batch...]
-  Index B = 1;              // prod(batch)
-  Index Lq = 0, Lk = 0, H = 0, D = 0, Dv = 0;
-  Shape weights_shape() const {
-    Shape s = batch;
-    s.insert(s.end(), {H, Lq, Lk});
-    return s;
-  }
-  Shape output_shape() const {
-    Shape s = batch;
-    s.insert(s.end(), {Lq, H, Dv});
-    return s;
-  }
-};
-
 inline AttentionDims check_qk(const Shape& q, const Shape& k, const char* fn) {
   const std::string f = fn;
   if (q.size() < 3)
@@ -165,31 +134,6 @@ inline AttentionDims check_qkv(const Shape& q, const Shape& k, const Shape& v, c
   d.Dv = v[r - 1];
   return d;
 }
-
-// A mask or bias read as if it had the weights' shape [batch..., H, Lq, Lk].
-template <class X>
-struct Broadcast {
-  const X* data = nullptr;
-  std::vector<Index> batch_offset;  // per flat batch index
-  Index sh = 0, sq = 0, sk = 0;     // strides over heads, queries, keys
-
-  Broadcast(const ArrayRef<X>& ref, const AttentionDims& d, const char* what) {
-    if (!ref) return;
-    const Shape w = d.weights_shape();
-    const std::vector<Index> s = broadcast_strides(ref.shape(), w, what);
-    const std::size_t nb = d.batch.size();
-    data = ref.data();
-    batch_offset = leading_offsets(w, s, nb);
-    sh = s[nb];
-    sq = s[nb + 1];
-    sk = s[nb + 2];
-  }
-  explicit operator bool() const { return data != nullptr; }
-  // Pointer to row (b, h, i); element j is at [j * sk].
-  const X* row(Index b, Index h, Index i) const {
-    return data + batch_offset[static_cast<std::size_t>(b)] + h * sh + i * sq;
-  }
-};
 
 template <class T>
 void check_dropout(const AttentionOptions<T>& o, const char* fn) {
@@ -249,14 +193,10 @@ void attention_reference(const AttentionDims& d, const T* query, const T* key, c
 
   std::vector<char> keep_storage;
   const bool dropout = draw_keep_mask(d, o, keep_storage, f);
-  const double keep_prob = 1.0 - o.dropout_rate;
   const bool* keep = reinterpret_cast<const bool*>(keep_storage.data());
-  // Flax: keep.astype(dtype) / jnp.asarray(keep_prob, dtype).
-  const C multiplier = static_cast<C>(static_cast<T>(1) / static_cast<T>(keep_prob));
-
-  const bool fp32_softmax = is_half_type_v<T> && o.force_fp32_for_softmax;
-  const T scale = depth_scale<T>(d.D);
-  const C lowest = static_cast<C>(std::numeric_limits<T>::lowest());
+  // Flax's rules, step by step (the policy every kernel follows).
+  const FlaxLogits<T> pol(depth_scale<T>(d.D), flax_keep_scale<T>(o.dropout_rate), o.force_fp32_for_softmax);
+  const C lowest = pol.mask_value();
   const Index HD = d.H * d.D, HDv = d.H * d.Dv;
 
   Mat qs(d.Lq, d.D), kc(d.Lk, d.D), vc, s(d.Lq, d.Lk), o_bh;
@@ -269,18 +209,17 @@ void attention_reference(const AttentionDims& d, const T* query, const T* key, c
       const StridedT km(key + b * d.Lk * HD + h * d.D, d.Lk, d.D, Eigen::OuterStride<>(HD));
       // query / sqrt(depth), rounded to T as Flax's division in dtype is.
       for (Index i = 0; i < d.Lq; ++i)
-        for (Index c = 0; c < d.D; ++c) qs(i, c) = static_cast<C>(static_cast<T>(qm(i, c) / scale));
+        for (Index c = 0; c < d.D; ++c) qs(i, c) = pol.query(qm(i, c));
       kc = km.template cast<C>();
       s.noalias() = qs * kc.transpose();
       for (Index i = 0; i < d.Lq; ++i) {
         C* row = s.data() + i * d.Lk;
-        if constexpr (is_half_type_v<T>) {  // the einsum's result is stored in dtype
-          for (Index j = 0; j < d.Lk; ++j) row[j] = static_cast<C>(static_cast<T>(row[j]));
+        if constexpr (FlaxLogits<T>::changes_logits()) {  // the einsum's result is stored in dtype
+          for (Index j = 0; j < d.Lk; ++j) row[j] = pol.logit(row[j]);
         }
         if (bias) {
           const T* br = bias.row(b, h, i);
-          for (Index j = 0; j < d.Lk; ++j)
-            row[j] = static_cast<C>(static_cast<T>(row[j] + static_cast<C>(br[j * bias.sk])));
+          for (Index j = 0; j < d.Lk; ++j) row[j] = pol.add_bias(row[j], br[j * bias.sk]);
         }
         if (mask) {
           const bool* mr = mask.row(b, h, i);
@@ -298,20 +237,14 @@ void attention_reference(const AttentionDims& d, const T* query, const T* key, c
           row[j] = std::exp(row[j] - mx);
           sum += row[j];
         }
-        for (Index j = 0; j < d.Lk; ++j) {
-          row[j] /= sum;
-          if (!fp32_softmax) row[j] = static_cast<C>(static_cast<T>(row[j]));
-        }
+        for (Index j = 0; j < d.Lk; ++j) row[j] = pol.weight(row[j] / sum);
         if (!sow.empty()) {
           T* dst = sow.data() + ((b * d.H + h) * d.Lq + i) * d.Lk;
           for (Index j = 0; j < d.Lk; ++j) dst[j] = static_cast<T>(row[j]);
         }
         if (dropout) {
           const bool* kr = keep + (o.broadcast_dropout ? i * d.Lk : ((b * d.H + h) * d.Lq + i) * d.Lk);
-          for (Index j = 0; j < d.Lk; ++j) {
-            row[j] = kr[j] ? row[j] * multiplier : C(0);
-            if (!fp32_softmax) row[j] = static_cast<C>(static_cast<T>(row[j]));
-          }
+          for (Index j = 0; j < d.Lk; ++j) row[j] = pol.dropout(row[j], kr[j]);
         }
         if (weights) {
           T* dst = weights + ((b * d.H + h) * d.Lq + i) * d.Lk;
@@ -335,12 +268,11 @@ void attention_reference(const AttentionDims& d, const T* query, const T* key, c
 // place. The keep mask is the only O(Lq * Lk) buffer, and only under dropout (one byte
 // per weight: Lq * Lk bytes with broadcast_dropout, B * H * Lq * Lk without).
 // P, MR, NR and `tuning` reach fused_attention's tuning (for tests and benchmarks).
-template <class T, class P = simd::packet_t<accum_t<T>>, int MR = fused::DefaultBlocking<P>::MR,
-          int NR = fused::DefaultBlocking<P>::NR>
+template <class T, class P = simd::packet_t<accum_t<T>>, int MR = gemm::ForwardBlocking<P>::MR,
+          int NR = gemm::ForwardBlocking<P>::NR>
 void attention_fused(const AttentionDims& d, const T* query, const T* key, const T* value,
-                     const AttentionOptions<T>& o, T* out, const char* fn, const FusedTuning& tuning = {}) {
+                     const AttentionOptions<T>& o, T* out, const char* fn, const AttentionTuning& tuning = {}) {
   static_assert(is_element_type_v<T>, "linen: element type must be float, double, Eigen::half or Eigen::bfloat16");
-  using C = accum_t<T>;
   check_dropout(o, fn);
   const std::string f = fn;
   if (o.sow_weights)
@@ -351,39 +283,12 @@ void attention_fused(const AttentionDims& d, const T* query, const T* key, const
   std::vector<char> keep;
   const bool dropout = draw_keep_mask(d, o, keep, f);
 
-  FusedAttentionArgs<T> a;
-  a.B = d.B;
-  a.H = d.H;
-  a.Lq = d.Lq;
-  a.Lk = d.Lk;
-  a.D = d.D;
-  a.Dv = d.Dv;
-  a.query = query;
-  a.q_sb = d.Lq * d.H * d.D;
-  a.q_sl = d.H * d.D;
-  a.q_sh = d.D;
-  a.key = key;
-  a.k_sb = d.Lk * d.H * d.D;
-  a.k_sl = d.H * d.D;
-  a.k_sh = d.D;
-  a.value = value;
-  a.v_sb = d.Lk * d.H * d.Dv;
-  a.v_sl = d.H * d.Dv;
-  a.v_sh = d.Dv;
-  a.out = out;
-  a.o_sb = d.Lq * d.H * d.Dv;
-  a.o_sl = d.H * d.Dv;
-  a.o_sh = d.Dv;
-  a.query_scale = depth_scale<T>(d.D);
-  if (bias) a.bias = FusedView<T>{bias.data, bias.batch_offset.data(), 0, bias.sh, bias.sq, bias.sk};
-  if (mask) a.mask = FusedView<bool>{mask.data, mask.batch_offset.data(), 0, mask.sh, mask.sq, mask.sk};
+  AttentionProblem<T> a = flax_problem(d, query, key, value, out);
+  a.bias = bias.view();
+  a.mask = mask.view();
   if (dropout) {
-    const Index plane = d.Lq * d.Lk;
-    const bool bc = o.broadcast_dropout;
-    a.keep = FusedView<bool>{reinterpret_cast<const bool*>(keep.data()), nullptr, bc ? 0 : d.H * plane,
-                             bc ? 0 : plane, d.Lk, 1};
-    // Flax: keep.astype(dtype) / jnp.asarray(keep_prob, dtype).
-    a.keep_scale = static_cast<C>(static_cast<T>(1) / static_cast<T>(1.0 - o.dropout_rate));
+    a.keep = keep_view(reinterpret_cast<const bool*>(keep.data()), d, o.broadcast_dropout);
+    a.keep_scale = flax_keep_scale<T>(o.dropout_rate);
   }
   a.causal = o.is_causal;
   a.pool = o.thread_pool;

@@ -208,28 +208,18 @@ dot_product_attention_vjp(const Q& query, const K& key, const V& value, const G&
   if (options.bias) detail::broadcast_strides(options.bias.shape(), d.weights_shape(), fn + ": bias");
   if (options.mask) detail::broadcast_strides(options.mask.shape(), d.weights_shape(), fn + ": mask");
 
-  detail::AttentionCore<T> core;
-  core.d = d;
-  core.query = query.data();
-  core.key = key.data();
-  core.value = value.data();
-  core.bias = options.bias;
-  core.mask = options.mask;
-  core.broadcast_dropout = options.broadcast_dropout;
-  core.dropout_rate = options.dropout_rate;
-  core.fp32_softmax = options.force_fp32_for_softmax;
-  core.causal = options.is_causal;
   Tensor<bool, 1> keep;
   Shape keep_shape;
-  if (!options.deterministic && options.dropout_rate > 0.0) {
+  const bool dropout = !options.deterministic && options.dropout_rate > 0.0;
+  if (dropout) {
     if (!options.dropout_rng)
       throw linen::invalid_argument(fn + ": dropout_rate=" + std::to_string(options.dropout_rate) +
                                   " with deterministic=false needs a dropout_rng");
     keep_shape = detail::keep_shape(d, options.broadcast_dropout);
     keep.resize(num_elements(keep_shape));
     options.dropout_rng(1.0 - options.dropout_rate, keep_shape, keep.data());
-    core.keep = keep.data();
   }
+  const bool* keep_data = dropout ? keep.data() : nullptr;
 
   DotProductAttentionGrads<T, N> g;
   g.output.resize(to_dims<N>(d.output_shape()));
@@ -240,26 +230,40 @@ dot_product_attention_vjp(const Q& query, const K& key, const V& value, const G&
   if (options.bias) dbias.assign(static_cast<std::size_t>(num_elements(options.bias.shape())), C(0));
   C* dbias_ptr = options.bias ? dbias.data() : nullptr;
 
+  // One problem (Flax's layout, mask, bias, keep mask) for the forward and the backward.
+  detail::FlaxAttentionProblem<T> fp(d, query.data(), key.data(), value.data(), g.output.data(), options.bias,
+                                     options.mask, fn);
+  fp.set_dropout(keep_data, d, options.broadcast_dropout, options.dropout_rate);
+  detail::AttentionProblem<T>& a = fp.problem;
+  a.fp32_softmax = options.force_fp32_for_softmax;
+  a.causal = options.is_causal;
+  a.pool = pool;
+  using Policy = detail::FlaxLogits<T>;
+
   if (!fused) {
     AttentionOptions<T> o = options;
-    if (core.keep) o.dropout_rng = detail::replay_keep(core.keep, keep_shape);
-    detail::attention_reference<T>(d, core.query, core.key, core.value, o, g.output.data(), nullptr, fn.c_str());
-    detail::attention_backward_reference<T>(core, cotangent.data(), g.query.data(), g.key.data(), g.value.data(),
-                                            dbias_ptr, fn);
+    if (dropout) o.dropout_rng = detail::replay_keep(keep_data, keep_shape);
+    detail::attention_reference<T>(d, query.data(), key.data(), value.data(), o, g.output.data(), nullptr,
+                                   fn.c_str());
+    detail::attention_backward_reference<Policy>(a, cotangent.data(), g.query.data(), g.key.data(), g.value.data(),
+                                                 dbias_ptr);
   } else {
+    // The forward is dot_product_attention's fused kernel (so the output has its bits),
+    // keeping the softmax statistics for the backward.
     const Index rows = d.B * d.H * d.Lq;
     std::vector<C> row_max(static_cast<std::size_t>(rows)), row_sum(static_cast<std::size_t>(rows));
     std::vector<C> out_acc;
     if constexpr (!std::is_same_v<C, T>) out_acc.resize(static_cast<std::size_t>(g.output.size()));
-    detail::attention_forward_fused<T>(core, g.output.data(), out_acc.empty() ? nullptr : out_acc.data(),
-                                       row_max.data(), row_sum.data(), grad_options.block_q, grad_options.block_k,
-                                       pool, fn);
+    a.row_max = row_max.data();
+    a.row_sum = row_sum.data();
+    a.out_acc = out_acc.empty() ? nullptr : out_acc.data();
+    detail::fused_attention<T>(a);
     const C* out_c = nullptr;
     if constexpr (std::is_same_v<C, T>) out_c = g.output.data();
     else out_c = out_acc.data();
-    detail::attention_backward_fused<T>(core, out_c, row_max.data(), row_sum.data(), cotangent.data(),
-                                        g.query.data(), g.key.data(), g.value.data(), dbias_ptr,
-                                        grad_options.block_q, grad_options.block_k, pool, fn);
+    detail::attention_backward_fused<Policy>(a, out_c, row_max.data(), row_sum.data(), cotangent.data(),
+                                             g.query.data(), g.key.data(), g.value.data(), dbias_ptr,
+                                             grad_options.block_q, grad_options.block_k);
   }
   if (options.bias) {
     Shape bs(static_cast<std::size_t>(N) - options.bias.shape().size(), 1);

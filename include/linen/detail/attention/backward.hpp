@@ -1,0 +1,403 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Internal: the attention core's gradient kernels, on AttentionProblem (batch dims
+// flattened into B) with the logit policy's numerics:
+//   attention_backward_reference  one head at a time, the [Lq, Lk] weights recomputed with
+//                                 exactly the reference forward's arithmetic and rounding;
+//   attention_backward_fused      FlashAttention-2 style: the fused forward (fused_attention
+//                                 with row_max / row_sum set) keeps two numbers per query
+//                                 row (row max m, softmax denominator l: the log-sum-exp in
+//                                 two parts); the backward recomputes score tiles
+//                                 [block_q, block_k] from them, working memory O(L) per
+//                                 worker. Tiles are held transposed (lanes over query rows)
+//                                 and multiplied by the micro-GEMM family (micro_gemm.hpp).
+// Gradient tensors have their primal's strides: dout the output's, dq the query's, dk the
+// key's, dv the value's. A bias gradient is a zeroed accumulator of the bias's own shape
+// (the view's `size` elements, addressed by its offsets).
+#ifndef LINEN_DETAIL_ATTENTION_BACKWARD_HPP
+#define LINEN_DETAIL_ATTENTION_BACKWARD_HPP
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include <Eigen/Core>
+#include <unsupported/Eigen/CXX11/ThreadPool>
+
+#include "../../tensor.hpp"
+#include "../parallel.hpp"
+#include "../simd.hpp"
+#include "micro_gemm.hpp"
+#include "policy.hpp"
+#include "problem.hpp"
+
+namespace linen {
+namespace detail {
+
+template <class C>
+using RowMat = Eigen::Matrix<C, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// The policy's logits on the tiles of one problem, shared by both backward kernels so that
+// they see the forward's numbers: the query as the product reads it, the logits (policy's
+// rounding, bias, mask, causal cut), the dropout factors.
+template <class Policy>
+struct BackwardLogits {
+  using T = typename Policy::element_type;
+  using C = typename Policy::accum_type;
+  const AttentionProblem<T>& a;
+  const Policy pol;
+
+  explicit BackwardLogits(const AttentionProblem<T>& problem) : a(problem), pol(problem) {}
+
+  // The policy's query (Flax: query / sqrt(depth) rounded to T), rows [i0, i0 + n) of (b, h).
+  void load_query(Index b, Index h, Index i0, Index n, RowMat<C>& qs) const {
+    qs.resize(n, a.D);
+    for (Index i = 0; i < n; ++i) {
+      const T* src = a.query + b * a.q_sb + (i0 + i) * a.q_sl + h * a.q_sh;
+      for (Index c = 0; c < a.D; ++c) qs(i, c) = pol.query(src[c]);
+    }
+  }
+  // Rows [j0, j0 + n) of head (b, h) of a strided tensor (strides sb, sl, sh), in C.
+  template <class X>
+  static void load_rows(const X* src, Index sb, Index sl, Index sh, Index b, Index h, Index j0, Index n, Index width,
+                        RowMat<C>& dst) {
+    dst.resize(n, width);
+    for (Index j = 0; j < n; ++j) {
+      const X* s = src + b * sb + (j0 + j) * sl + h * sh;
+      for (Index c = 0; c < width; ++c) dst(j, c) = static_cast<C>(s[c]);
+    }
+  }
+  void load_keys(Index b, Index h, Index j0, Index n, RowMat<C>& dst) const {
+    load_rows(a.key, a.k_sb, a.k_sl, a.k_sh, b, h, j0, n, a.D, dst);
+  }
+  void load_values(Index b, Index h, Index j0, Index n, RowMat<C>& dst) const {
+    load_rows(a.value, a.v_sb, a.v_sl, a.v_sh, b, h, j0, n, a.Dv, dst);
+  }
+  // Rows of the output's cotangent (the output's strides).
+  void load_dout(const T* dout, Index b, Index h, RowMat<C>& dst) const {
+    load_rows(dout, a.o_sb, a.o_sl, a.o_sh, b, h, 0, a.Lq, a.Dv, dst);
+  }
+
+  bool causal_masked(Index i, Index j) const { return a.causal && j > i + a.causal_offset; }
+  // Turns raw products q.k of row i, keys [j0, j0 + n), into the logits softmax sees.
+  void finish_row(Index b, Index h, Index i, Index j0, C* row, Index n) const {
+    if constexpr (Policy::changes_logits()) {
+      for (Index j = 0; j < n; ++j) row[j] = pol.logit(row[j]);
+    }
+    if (a.bias) {
+      const T* br = a.bias.row(b, h, i) + j0 * a.bias.sk;
+      for (Index j = 0; j < n; ++j) row[j] = pol.add_bias(row[j], br[j * a.bias.sk]);
+    }
+    if (a.mask) {
+      const bool* mr = a.mask.row(b, h, i) + j0 * a.mask.sk;
+      for (Index j = 0; j < n; ++j)
+        if (!mr[j * a.mask.sk]) row[j] = Policy::mask_value();
+    }
+    if (a.causal)
+      for (Index j = std::max<Index>(i + 1 + a.causal_offset - j0, 0); j < n; ++j) row[j] = Policy::mask_value();
+  }
+  // Whether finish_row / finish_transposed change anything, and whether anything is masked.
+  bool finishes() const { return Policy::changes_logits() || a.bias || a.mask || a.causal; }
+  bool masks() const { return a.mask || a.causal; }
+  // finish_row on a transposed tile t [keys j0.., rows i0..] (the fused kernels' layout).
+  void finish_transposed(Index b, Index h, Index i0, Index j0, RowMat<C>& t) const {
+    for (Index r = 0; r < t.cols(); ++r) {
+      const Index i = i0 + r;
+      const T* br = a.bias ? a.bias.row(b, h, i) : nullptr;
+      const bool* mr = a.mask ? a.mask.row(b, h, i) : nullptr;
+      for (Index k = 0; k < t.rows(); ++k) {
+        const Index j = j0 + k;
+        C x = t(k, r);
+        if constexpr (Policy::changes_logits()) x = pol.logit(x);
+        if (br) x = pol.add_bias(x, br[j * a.bias.sk]);
+        if ((mr && !mr[j * a.mask.sk]) || causal_masked(i, j)) x = Policy::mask_value();
+        t(k, r) = x;
+      }
+    }
+  }
+  bool masked(Index b, Index h, Index i, Index j) const {
+    return causal_masked(i, j) || (a.mask && !a.mask.row(b, h, i)[j * a.mask.sk]);
+  }
+  // Whether every logit of the tile rows [i0, i0 + ni) x keys [j0, j0 + nj) is masked
+  // (causal or mask), so that its weights are exp(mask_value - m) = 0 unless a row's max m
+  // is itself near the mask value (a row masked everywhere; see Policy::masked_vanish).
+  bool tile_masked(Index b, Index h, Index i0, Index ni, Index j0, Index nj) const {
+    if (a.causal && j0 > i0 + ni - 1 + a.causal_offset) return true;
+    if (!a.mask) return false;
+    for (Index i = i0; i < i0 + ni; ++i) {
+      const bool* mr = a.mask.row(b, h, i) + j0 * a.mask.sk;
+      // the causal part is masked already
+      const Index jn = a.causal ? std::min(nj, i + 1 + a.causal_offset - j0) : nj;
+      for (Index j = 0; j < jn; ++j)
+        if (mr[j * a.mask.sk]) return false;
+      if (a.mask.sq == 0) break;  // every row reads the same mask row
+    }
+    return true;
+  }
+  // The keep row of query i (element j at [j * keep_sk()]), or null without dropout.
+  const bool* keep_row(Index b, Index h, Index i) const { return a.keep ? a.keep.row(b, h, i) : nullptr; }
+  Index keep_sk() const { return a.keep.sk; }
+};
+
+// ---------------------------------------------------------------------------------------
+// Reference backward: for each (b, h), recompute the weights as the reference forward did
+// (attention_reference's arithmetic, rounding included), then
+//   dV = P'^T dO,  dP' = dO V^T,  dP = dP' * keep * multiplier,
+//   dS = P * (dP - rowsum(P * dP)) (0 where masked),  dbias += dS,
+//   dq = dS K / sqrt(depth),  dK = dS^T (q / sqrt(depth)),
+// with P the weights before dropout and P' after.
+//   dout: the output's cotangent; dq, dk, dv: written (their primals' strides);
+//   dbias: null, or a zeroed accumulator of the bias's own shape.
+template <class Policy>
+void attention_backward_reference(const AttentionProblem<typename Policy::element_type>& a,
+                                  const typename Policy::element_type* dout, typename Policy::element_type* dq,
+                                  typename Policy::element_type* dk, typename Policy::element_type* dv,
+                                  typename Policy::accum_type* dbias) {
+  using T = typename Policy::element_type;
+  using C = typename Policy::accum_type;
+  const BackwardLogits<Policy> lg(a);
+  const Policy& pol = lg.pol;
+  RowMat<C> qs, kc, vc, go, s, p, dp, m;
+  const C dq_scale = pol.query_derivative();
+  for (Index b = 0; b < a.B; ++b) {
+    for (Index h = 0; h < a.H; ++h) {
+      lg.load_query(b, h, 0, a.Lq, qs);
+      lg.load_keys(b, h, 0, a.Lk, kc);
+      lg.load_values(b, h, 0, a.Lk, vc);
+      lg.load_dout(dout, b, h, go);
+      s.noalias() = qs * kc.transpose();
+      p.resize(a.Lq, a.Lk);
+      for (Index i = 0; i < a.Lq; ++i) {
+        C* row = s.data() + i * a.Lk;
+        lg.finish_row(b, h, i, 0, row, a.Lk);
+        C mx = -std::numeric_limits<C>::infinity();
+        for (Index j = 0; j < a.Lk; ++j) mx = std::max(mx, row[j]);
+        C sum = 0;
+        for (Index j = 0; j < a.Lk; ++j) {
+          row[j] = std::exp(row[j] - mx);
+          sum += row[j];
+        }
+        const bool* kr = lg.keep_row(b, h, i);
+        for (Index j = 0; j < a.Lk; ++j) {
+          C w = pol.weight(row[j] / sum);
+          p(i, j) = w;  // the weights before dropout
+          if (kr) w = pol.dropout(w, kr[j * lg.keep_sk()]);
+          row[j] = w;  // s now holds P', what multiplies the values
+        }
+      }
+      // dV = P'^T dO
+      m.noalias() = s.transpose() * go;
+      for (Index j = 0; j < a.Lk; ++j) {
+        T* dst = dv + b * a.v_sb + j * a.v_sl + h * a.v_sh;
+        for (Index c = 0; c < a.Dv; ++c) dst[c] = static_cast<T>(m(j, c));
+      }
+      dp.noalias() = go * vc.transpose();
+      for (Index i = 0; i < a.Lq; ++i) {
+        C* row = dp.data() + i * a.Lk;
+        const bool* kr = lg.keep_row(b, h, i);
+        if (kr)
+          for (Index j = 0; j < a.Lk; ++j) row[j] = kr[j * lg.keep_sk()] ? row[j] * pol.keep_scale() : C(0);
+        C delta = 0;
+        for (Index j = 0; j < a.Lk; ++j) delta += p(i, j) * row[j];
+        for (Index j = 0; j < a.Lk; ++j) row[j] = lg.masked(b, h, i, j) ? C(0) : p(i, j) * (row[j] - delta);
+        if constexpr (Policy::kScalesLogits)
+          for (Index j = 0; j < a.Lk; ++j) row[j] *= pol.logit_derivative();
+        if (dbias) {
+          C* db = dbias + a.bias.offset(b, h, i);
+          for (Index j = 0; j < a.Lk; ++j) db[j * a.bias.sk] += row[j];
+        }
+      }
+      // dp now holds dS, the cotangent of the logits.
+      m.noalias() = dp * kc;
+      for (Index i = 0; i < a.Lq; ++i) {
+        T* dst = dq + b * a.q_sb + i * a.q_sl + h * a.q_sh;
+        for (Index c = 0; c < a.D; ++c) dst[c] = static_cast<T>(m(i, c) * dq_scale);
+      }
+      m.noalias() = dp.transpose() * qs;
+      for (Index j = 0; j < a.Lk; ++j) {
+        T* dst = dk + b * a.k_sb + j * a.k_sl + h * a.k_sh;
+        for (Index c = 0; c < a.D; ++c) dst[c] = static_cast<T>(m(j, c));
+      }
+    }
+  }
+}
+
+// One tile product of the backward (see gemm::product): Cm (+)= A B.
+template <class P>
+inline void tile_product(Index M, Index N, Index K, const simd::scalar_t<P>* A, Index am, Index at,
+                         const simd::scalar_t<P>* B, Index bt, simd::scalar_t<P>* Cm, Index cm, bool accumulate) {
+  gemm::product<P, gemm::BackwardBlocking<P>::MR, gemm::BackwardBlocking<P>::NR>(
+      M, N, K, A, am, at, B, bt, Cm, cm, gemm::ZeroOrLoad{accumulate}, gemm::Store{});
+}
+
+// ---------------------------------------------------------------------------------------
+// Fused backward. Work units are (b, h, key group): each owns its key rows' dK, dV and
+// walks all query tiles, recomputing S = q.k^T and P = exp(S - m) / l from the forward's
+// row statistics, then (FlashAttention-2)
+//   dV_j += P'^T dO_i,  dP = (dO_i V_j^T) * keep * multiplier,
+//   dS = P * (dP - delta_i) with delta_i = rowsum(dO_i * O_i),
+//   dK_j += dS^T qs_i,  dQ_i += dS K_j.
+// Tiles are held transposed, [keys, query rows], so that SIMD lanes run over query rows:
+// the per-row m, l and delta are vectors, and all five products are tile_product over
+// operands in place (q and dO are transposed once per head, O(Lq) memory).
+// Heads are split into key groups only when there are fewer heads than workers; each
+// group then adds dQ into its own copy, summed in a fixed order afterwards, so results do
+// not depend on scheduling.
+//   out: the forward's output in C (the output's strides; fused_attention's out_acc for
+//   half types); row_max, row_sum: [B, H, Lq] (fused_attention's);
+//   dbias: null, or a zeroed accumulator of the bias's own shape.
+template <class Policy, class P = simd::packet_t<typename Policy::accum_type>>
+void attention_backward_fused(const AttentionProblem<typename Policy::element_type>& a,
+                              const typename Policy::accum_type* out, const typename Policy::accum_type* row_max,
+                              const typename Policy::accum_type* row_sum, const typename Policy::element_type* dout,
+                              typename Policy::element_type* dq, typename Policy::element_type* dk,
+                              typename Policy::element_type* dv, typename Policy::accum_type* dbias, Index block_q,
+                              Index block_k) {
+  using T = typename Policy::element_type;
+  using C = typename Policy::accum_type;
+  using Vec = Eigen::Array<C, 1, Eigen::Dynamic>;
+  static_assert(std::is_same_v<simd::scalar_t<P>, C>, "linen: packet type must hold the policy's accum_type");
+  const BackwardLogits<Policy> lg(a);
+  const Policy& pol = lg.pol;
+  Eigen::ThreadPoolInterface* pool = a.pool;
+  const Index BH = a.B * a.H;
+  const Index nkt = a.Lk == 0 ? 0 : (a.Lk + block_k - 1) / block_k;
+  const int avail = pool_workers(pool);
+  const Index groups = (BH >= avail || nkt == 0) ? 1 : std::min<Index>(nkt, (avail + BH - 1) / BH);
+  const Index units = BH * groups;
+  const int workers = static_cast<int>(std::min<Index>(avail, std::max<Index>(units, 1)));
+  const Index HD = a.H * a.D;
+  const Index q_size = a.B * a.Lq * HD;  // dq accumulators: [groups][B, Lq, H, D]
+  std::vector<C> dq_acc(static_cast<std::size_t>(groups * q_size), C(0));
+
+  // dbias: straight into the caller's accumulator when no two workers can meet there,
+  // else one private accumulator per extra worker, summed in worker order at the end.
+  const Index bias_size = dbias ? a.bias.size : 0;
+  const bool shared_bias = dbias && workers > 1 && !view_rows_disjoint(a.bias, a.B, a.H, a.Lk, groups > 1);
+  std::vector<C> bias_private(shared_bias ? static_cast<std::size_t>((workers - 1) * bias_size) : 0, C(0));
+
+  const C dq_scale = pol.query_derivative();
+  const auto round_weight = [&pol](C x) { return pol.weight(x); };
+  const Index ldt = a.Lq + 64 / static_cast<Index>(sizeof(C));  // row stride of the transposed q, dO
+
+  run_workers(pool, workers, [&](int w) {
+    C* my_bias = !dbias ? nullptr : (shared_bias && w > 0 ? bias_private.data() + (w - 1) * bias_size : dbias);
+    RowMat<C> qs, qt, go, gt, kc, vc, st, pt, dst, keep;
+    Vec delta, inv_l;
+    const auto [u0, u1] = share(units, workers, w);
+    Index loaded_bh = -1;
+    for (Index u = u0; u < u1; ++u) {
+      const Index bh = u / groups, g = u % groups, b = bh / a.H, h = bh % a.H;
+      if (bh != loaded_bh) {  // the head's queries and output cotangent (both ways round), delta
+        lg.load_query(b, h, 0, a.Lq, qs);
+        lg.load_dout(dout, b, h, go);
+        // Transposed with a padded row stride: at a power-of-two Lq the rows of a plain
+        // transpose would all fall into the same cache sets.
+        qt.resize(a.D, ldt);
+        gt.resize(a.Dv, ldt);
+        qt.leftCols(a.Lq) = qs.transpose();
+        gt.leftCols(a.Lq) = go.transpose();
+        delta.resize(a.Lq);
+        inv_l.resize(a.Lq);
+        for (Index i = 0; i < a.Lq; ++i) {
+          const C* o = out + b * a.o_sb + i * a.o_sl + h * a.o_sh;
+          C sum = 0;
+          for (Index c = 0; c < a.Dv; ++c) sum += go(i, c) * o[c];
+          delta(i) = sum;
+          inv_l(i) = C(1) / row_sum[bh * a.Lq + i];
+        }
+        loaded_bh = bh;
+      }
+      const C* mrow = row_max + bh * a.Lq;
+      const Index kt0 = nkt * g / groups, kt1 = nkt * (g + 1) / groups;
+      for (Index tile = kt0; tile < kt1; ++tile) {
+        const Index j0 = tile * block_k, nj = std::min(block_k, a.Lk - j0);
+        lg.load_keys(b, h, j0, nj, kc);
+        lg.load_values(b, h, j0, nj, vc);
+        RowMat<C> dkj = RowMat<C>::Zero(nj, a.D), dvj = RowMat<C>::Zero(nj, a.Dv);
+        for (Index i0 = 0; i0 < a.Lq; i0 += block_q) {
+          const Index ni = std::min(block_q, a.Lq - i0);
+          if (lg.tile_masked(b, h, i0, ni, j0, nj) &&
+              std::all_of(mrow + i0, mrow + i0 + ni, [](C m) { return Policy::masked_vanish(m); }))
+            continue;  // every weight of the tile is 0 and every dS is masked
+          const Eigen::Map<const Vec> m_i(mrow + i0, ni);
+          const auto l_i = inv_l.segment(i0, ni);
+          const auto delta_i = delta.segment(i0, ni);
+          // S^T = K_j qs_i^T, then P^T = exp(S^T - m) / l, as the forward normalised it
+          st.resize(nj, ni);
+          tile_product<P>(nj, ni, a.D, kc.data(), a.D, 1, qt.data() + i0, ldt, st.data(), ni, false);
+          if (lg.finishes()) lg.finish_transposed(b, h, i0, j0, st);
+          for (Index k = 0; k < nj; ++k) st.row(k).array() = (st.row(k).array() - m_i).exp() * l_i;
+          if (pol.rounds_weights()) st = st.unaryExpr(round_weight);
+          const RowMat<C>* pd = &st;  // P'^T, what multiplied the values
+          if (a.keep) {
+            keep.resize(nj, ni);
+            for (Index r = 0; r < ni; ++r) {
+              const bool* kr = lg.keep_row(b, h, i0 + r);
+              for (Index k = 0; k < nj; ++k) keep(k, r) = kr[(j0 + k) * lg.keep_sk()] ? pol.keep_scale() : C(0);
+            }
+            pt.array() = st.array() * keep.array();
+            if (pol.rounds_weights()) pt = pt.unaryExpr(round_weight);
+            pd = &pt;
+          }
+          // dV_j += P'^T dO_i
+          tile_product<P>(nj, a.Dv, ni, pd->data(), ni, 1, go.data() + i0 * a.Dv, a.Dv, dvj.data(), a.Dv, true);
+          // dP^T = V_j dO_i^T (times the keep factors), dS^T = P^T * (dP^T - delta)
+          dst.resize(nj, ni);
+          tile_product<P>(nj, ni, a.Dv, vc.data(), a.Dv, 1, gt.data() + i0, ldt, dst.data(), ni, false);
+          if (a.keep) dst.array() *= keep.array();
+          for (Index k = 0; k < nj; ++k) dst.row(k).array() = st.row(k).array() * (dst.row(k).array() - delta_i);
+          if (lg.masks())
+            for (Index r = 0; r < ni; ++r)
+              for (Index k = 0; k < nj; ++k)
+                if (lg.masked(b, h, i0 + r, j0 + k)) dst(k, r) = C(0);
+          if constexpr (Policy::kScalesLogits) dst *= pol.logit_derivative();
+          if (my_bias)
+            for (Index r = 0; r < ni; ++r) {
+              C* db = my_bias + a.bias.offset(b, h, i0 + r) + j0 * a.bias.sk;
+              for (Index k = 0; k < nj; ++k) db[k * a.bias.sk] += dst(k, r);
+            }
+          // dK_j += dS^T qs_i;  dQ_i += dS K_j
+          tile_product<P>(nj, a.D, ni, dst.data(), ni, 1, qs.data() + i0 * a.D, a.D, dkj.data(), a.D, true);
+          tile_product<P>(ni, a.D, nj, dst.data(), 1, ni, kc.data(), a.D,
+                          dq_acc.data() + g * q_size + (b * a.Lq + i0) * HD + h * a.D, HD, true);
+        }
+        for (Index j = 0; j < nj; ++j) {
+          T* kd = dk + b * a.k_sb + (j0 + j) * a.k_sl + h * a.k_sh;
+          for (Index c = 0; c < a.D; ++c) kd[c] = static_cast<T>(dkj(j, c));
+          T* vd = dv + b * a.v_sb + (j0 + j) * a.v_sl + h * a.v_sh;
+          for (Index c = 0; c < a.Dv; ++c) vd[c] = static_cast<T>(dvj(j, c));
+        }
+      }
+    }
+  });
+
+  // dq = (sum of the groups' accumulators) times the query's derivative; 0 without keys
+  // (nothing flows to the values or keys then).
+  for (Index b = 0; b < a.B; ++b)
+    for (Index i = 0; i < a.Lq; ++i)
+      for (Index h = 0; h < a.H; ++h) {
+        T* dst = dq + b * a.q_sb + i * a.q_sl + h * a.q_sh;
+        const Index e0 = (b * a.Lq + i) * HD + h * a.D;
+        for (Index c = 0; c < a.D; ++c) {
+          if (nkt == 0) {
+            dst[c] = T(0);
+            continue;
+          }
+          C sum = dq_acc[static_cast<std::size_t>(e0 + c)];
+          for (Index g = 1; g < groups; ++g) sum += dq_acc[static_cast<std::size_t>(g * q_size + e0 + c)];
+          dst[c] = static_cast<T>(sum * dq_scale);
+        }
+      }
+  for (int w = 1; shared_bias && w < workers; ++w) {
+    const C* src = bias_private.data() + (w - 1) * bias_size;
+    for (Index e = 0; e < bias_size; ++e) dbias[e] += src[e];
+  }
+}
+
+}  // namespace detail
+}  // namespace linen
+
+#endif  // LINEN_DETAIL_ATTENTION_BACKWARD_HPP

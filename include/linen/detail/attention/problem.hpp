@@ -1,0 +1,245 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Internal: one attention problem as every attention kernel reads it (the tiled and row
+// forward kernels, the reference and fused backward): AttentionProblem<T>, the one
+// descriptor. Tensors are addressed through element strides over (batch, position, head)
+// with a contiguous depth axis; masks, biases and dropout keep masks through
+// AttentionView (numpy broadcasting resolved to strides). flax_layout fills the strides of
+// Flax's [batch..., L, heads, depth] layout, the one every public entry point uses.
+#ifndef LINEN_DETAIL_ATTENTION_PROBLEM_HPP
+#define LINEN_DETAIL_ATTENTION_PROBLEM_HPP
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include <unsupported/Eigen/CXX11/ThreadPool>
+
+#include "../../tensor.hpp"
+#include "../broadcast.hpp"
+#include "policy.hpp"
+
+namespace linen {
+namespace detail {
+
+// Validated dimensions of one attention problem, batch dims flattened.
+struct AttentionDims {
+  Shape batch;              // batch dims [batch...]
+  Index B = 1;              // prod(batch)
+  Index Lq = 0, Lk = 0, H = 0, D = 0, Dv = 0;
+  Shape weights_shape() const {
+    Shape s = batch;
+    s.insert(s.end(), {H, Lq, Lk});
+    return s;
+  }
+  Shape output_shape() const {
+    Shape s = batch;
+    s.insert(s.end(), {Lq, H, Dv});
+    return s;
+  }
+};
+
+// A mask, bias or dropout keep mask read as if it had shape [B, H, Lq, Lk]. Element
+// (b, h, i, j) is at data[offset(b) + h*sh + i*sq + j*sk], offset(b) = batch_offset[b]
+// when batch_offset is set (numpy broadcasting over several batch dims), else b*sb.
+// `size`: the elements of the array viewed (the shape of a gradient accumulator for it;
+// 0 when not known, as for masks).
+template <class X>
+struct AttentionView {
+  const X* data = nullptr;
+  const Index* batch_offset = nullptr;
+  Index sb = 0, sh = 0, sq = 0, sk = 0;
+  Index size = 0;
+  explicit operator bool() const { return data != nullptr; }
+  const X* row(Index b, Index h, Index i) const {
+    return data + (batch_offset ? batch_offset[b] : b * sb) + h * sh + i * sq;
+  }
+  // Offset of row (b, h, i) in the viewed array.
+  Index offset(Index b, Index h, Index i) const { return row(b, h, i) - data; }
+};
+
+// A mask or bias (ArrayRef) broadcast to the weights' shape [batch..., H, Lq, Lk]: owns
+// the per-batch offsets its view points into (so it must outlive the view). Throws
+// linen::invalid_argument naming both shapes when the array does not broadcast.
+template <class X>
+struct Broadcast {
+  const X* data = nullptr;
+  std::vector<Index> batch_offset;  // per flat batch index
+  Index sh = 0, sq = 0, sk = 0;     // strides over heads, queries, keys
+  Index size = 0;
+
+  Broadcast(const ArrayRef<X>& ref, const AttentionDims& d, const char* what) {
+    if (!ref) return;
+    const Shape w = d.weights_shape();
+    const std::vector<Index> s = broadcast_strides(ref.shape(), w, what);
+    const std::size_t nb = d.batch.size();
+    data = ref.data();
+    batch_offset = leading_offsets(w, s, nb);
+    sh = s[nb];
+    sq = s[nb + 1];
+    sk = s[nb + 2];
+    size = num_elements(ref.shape());
+  }
+  explicit operator bool() const { return data != nullptr; }
+  // Pointer to row (b, h, i); element j is at [j * sk].
+  const X* row(Index b, Index h, Index i) const {
+    return data + batch_offset[static_cast<std::size_t>(b)] + h * sh + i * sq;
+  }
+  AttentionView<X> view() const {
+    AttentionView<X> v;
+    if (!data) return v;
+    v.data = data;
+    v.batch_offset = batch_offset.data();
+    v.sh = sh;
+    v.sq = sq;
+    v.sk = sk;
+    v.size = size;
+    return v;
+  }
+};
+
+// Tuning of the forward kernels, 0 = automatic (from the cache sizes and the thread count).
+struct AttentionTuning {
+  Index tile_keys = 0;     // keys per tile
+  Index tile_queries = 0;  // query rows per work item (tiled path)
+  Index chunk_keys = 0;    // keys per work item (row path)
+  int path = 0;            // 1: tiled path, 2: row path (default: rows for 1 or 2 queries)
+};
+
+template <class C>
+struct RowScratch;
+
+// One attention problem. Every tensor is addressed through element strides over (batch,
+// position, head) with a contiguous depth axis, so Flax's [batch, L, heads, depth]
+// (strides L*H*D, H*D, D) and head-major [batch, heads, L, depth] (strides H*L*D, D, L*D)
+// layouts are both read in place. A gradient tensor (the output's cotangent, dq, dk, dv)
+// has its primal's strides. The numbers (query_scale, keep_scale, fp32_softmax) are the
+// logit policy's parameters (attention/policy.hpp), whose rules every kernel applies.
+template <class T>
+struct AttentionProblem {
+  Index B = 1, H = 1, Lq = 0, Lk = 0, D = 0, Dv = 0;
+  const T* query = nullptr;  // [B, Lq, H, D] through q_sb, q_sl, q_sh
+  Index q_sb = 0, q_sl = 0, q_sh = 0;
+  const T* key = nullptr;    // [B, Lk, H, D]
+  Index k_sb = 0, k_sl = 0, k_sh = 0;
+  const T* value = nullptr;  // [B, Lk, H, Dv]
+  Index v_sb = 0, v_sl = 0, v_sh = 0;
+  T* out = nullptr;          // [B, Lq, H, Dv], written by the forward
+  Index o_sb = 0, o_sl = 0, o_sh = 0;
+  T query_scale = T(1);      // the policy's scale (Flax: the query is divided by sqrt(depth) in dtype)
+  AttentionView<T> bias;     // added to the logits
+  AttentionView<bool> mask;  // false = masked out
+  AttentionView<bool> keep;  // dropout keep mask (weights of dropped entries become 0)
+  accum_t<T> keep_scale = 1; // kept weights are multiplied by it when `keep` is set (1/keep_prob)
+  // Half types: the reference and the backward keep the softmax weights in float
+  // (force_fp32_for_softmax) instead of rounding them to T; the fused forward always does.
+  bool fp32_softmax = false;
+  bool causal = false;       // key j is visible to query i only if j <= i + causal_offset
+  Index causal_offset = 0;
+  // false: keys past the diagonal are masked keys as Flax's causal mask makes them (their
+  // zero weights still meet their values, so an inf or NaN value there makes the row
+  // NaN); true: they are not part of the problem and are never read (a decode step's
+  // positions past the cache index).
+  bool causal_hides_values = false;
+  // Runs the work items on pool->NumThreads() threads, the calling thread being one of
+  // them; null: the calling thread only.
+  Eigen::ThreadPoolInterface* pool = nullptr;
+  AttentionTuning tuning{};
+  // Buffers for the row (decode) kernel, kept by the caller between calls: once grown to
+  // the problem's size, a call without a pool allocates nothing. null: local buffers.
+  RowScratch<accum_t<T>>* row_scratch = nullptr;
+  // What the backward needs from the forward, written when set (null: not wanted):
+  // the softmax's row max m and denominator l = sum_j exp(s_j - m) (before dropout),
+  // [B, H, Lq] row-major, so that the weights are exp(s - m) / l; and the output before its
+  // rounding to T (out's strides), for the backward's rowsum(dO * O).
+  accum_t<T>* row_max = nullptr;
+  accum_t<T>* row_sum = nullptr;
+  accum_t<T>* out_acc = nullptr;
+};
+
+// The strides of Flax's layouts for dims d: q [B, Lq, H, D], k [B, Lk, H, D],
+// v [B, Lk, H, Dv], out [B, Lq, H, Dv], all contiguous; the dims of `d` (batch dims
+// flattened). The one place that states Flax's layout for the kernels.
+template <class T>
+void flax_layout(AttentionProblem<T>& a, const AttentionDims& d, const T* query, const T* key, const T* value,
+                 T* out) {
+  a.B = d.B;
+  a.H = d.H;
+  a.Lq = d.Lq;
+  a.Lk = d.Lk;
+  a.D = d.D;
+  a.Dv = d.Dv;
+  a.query = query;
+  a.q_sb = d.Lq * d.H * d.D;
+  a.q_sl = d.H * d.D;
+  a.q_sh = d.D;
+  a.key = key;
+  a.k_sb = d.Lk * d.H * d.D;
+  a.k_sl = d.H * d.D;
+  a.k_sh = d.D;
+  a.value = value;
+  a.v_sb = d.Lk * d.H * d.Dv;
+  a.v_sl = d.H * d.Dv;
+  a.v_sh = d.Dv;
+  a.out = out;
+  a.o_sb = d.Lq * d.H * d.Dv;
+  a.o_sl = d.H * d.Dv;
+  a.o_sh = d.Dv;
+}
+
+// A problem over Flax's layouts (flax_layout) with Flax's query scale, sqrt(depth) in
+// dtype: what every public entry point starts from (then sets the mask, bias, dropout,
+// causal flag, pool).
+template <class T>
+AttentionProblem<T> flax_problem(const AttentionDims& d, const T* query, const T* key, const T* value, T* out) {
+  AttentionProblem<T> a;
+  flax_layout(a, d, query, key, value, out);
+  a.query_scale = depth_scale<T>(d.D);
+  return a;
+}
+
+// The view of Flax's dropout keep mask as drawn (bytes 0/1): [Lq, Lk] with
+// broadcast_dropout (shared by the batch and the heads), else [B, H, Lq, Lk].
+inline AttentionView<bool> keep_view(const bool* keep, const AttentionDims& d, bool broadcast_dropout) {
+  const Index plane = d.Lq * d.Lk;
+  AttentionView<bool> v;
+  v.data = keep;
+  v.sb = broadcast_dropout ? 0 : d.H * plane;
+  v.sh = broadcast_dropout ? 0 : plane;
+  v.sq = d.Lk;
+  v.sk = 1;
+  v.size = broadcast_dropout ? plane : d.B * d.H * plane;
+  return v;
+}
+
+// Whether heads (b, h), and key groups when `key_groups`, can add into one gradient of
+// the viewed array (a bias) without two workers touching the same element: true when it
+// has its own batch and head dims (no broadcasting over them) and, with key groups, its
+// own key dim.
+template <class X>
+bool view_rows_disjoint(const AttentionView<X>& v, Index B, Index H, Index Lk, bool key_groups) {
+  if (B > 1) {
+    if (v.batch_offset) {
+      std::vector<Index> offsets(v.batch_offset, v.batch_offset + B);
+      std::sort(offsets.begin(), offsets.end());
+      if (std::adjacent_find(offsets.begin(), offsets.end()) != offsets.end()) return false;
+    } else if (v.sb == 0) {
+      return false;
+    }
+  }
+  if (H > 1 && v.sh == 0) return false;
+  if (key_groups && Lk > 1 && v.sk == 0) return false;
+  return true;
+}
+
+// The names the modules used before the descriptor was one type (kept for them).
+template <class X>
+using FusedView = AttentionView<X>;
+using FusedTuning = AttentionTuning;
+template <class T>
+using FusedAttentionArgs = AttentionProblem<T>;
+
+}  // namespace detail
+}  // namespace linen
+
+#endif  // LINEN_DETAIL_ATTENTION_PROBLEM_HPP

@@ -1,0 +1,410 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Internal: the forward kernel for few query rows (decode steps: one or two), RowKernel:
+// a row at a time with the lanes along the depth (q.k as a vector dot product, P V as a row
+// update of O), so each K and V element is loaded once and used by one FMA per row. A work
+// item is one batch entry and a chunk of keys for every head; the chunks' partial states
+// (m, l, O) are merged at the end by log-sum-exp, so a single long cache is split across
+// threads. Key chunks masked everywhere are skipped (re-run at the merge when a row's max
+// is within reach of the mask value, exactly as the tiled kernel's fallback). Flax's
+// [L, H, D] rows are read front to back across heads. Semantics are the policy's
+// (policy.hpp), as in the tiled kernel.
+#ifndef LINEN_DETAIL_ATTENTION_ROW_KERNEL_HPP
+#define LINEN_DETAIL_ATTENTION_ROW_KERNEL_HPP
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "../../tensor.hpp"
+#include "../parallel.hpp"
+#include "../simd.hpp"
+#include "micro_gemm.hpp"
+#include "problem.hpp"
+#include "tiles.hpp"
+
+namespace linen {
+namespace detail {
+
+// See AttentionProblem::row_scratch.
+template <class C>
+struct RowScratch {
+  std::vector<C> storage;
+  std::vector<unsigned char> skipped;
+  std::vector<fused::TileUse> uses;
+};
+
+namespace fused {
+
+// The kernel for few query rows (decode steps): a row at a time with the lanes along the
+// depth (q.k as a vector dot product, P V as a row update of O), so each K and V element
+// is loaded once and used by one FMA per row. A work item is one batch entry and a chunk
+// of keys for every head; the chunks' partial states (m, l, O) are merged at the end by
+// log-sum-exp, so a single long cache is split across threads. Key chunks masked
+// everywhere are skipped (re-run at the merge when a row's max is within reach of
+// the mask value, exactly as the tiled kernel's fallback).
+template <class Policy, class P>
+class RowKernel {
+ public:
+  using T = typename Policy::element_type;
+  using C = typename Policy::accum_type;
+  static_assert(std::is_same_v<simd::scalar_t<P>, C>, "linen: packet type must hold accum_t<T>");
+  static constexpr int W = simd::size_v<P>;
+  static constexpr bool kWiden = !std::is_same_v<T, C>;
+
+  explicit RowKernel(const AttentionProblem<T>& a) : a_(a), pol_(a) {
+    tk_ = a.tuning.tile_keys > 0 ? a.tuning.tile_keys : 64;
+    Index kc = a.tuning.chunk_keys;
+    if (kc <= 0) {
+      // 512 keys a chunk, whatever the thread count, so that the chunks and the order of
+      // their merge (and so the bits of the result) do not depend on the threads: 8 work
+      // items per sequence at 4096 keys; the merge costs one state per chunk, head and row.
+      kc = (512 + tk_ - 1) / tk_ * tk_;
+    }
+    kc_ = std::max<Index>(1, std::min(kc, a.Lk));
+    n_chunks_ = (a.Lk + kc_ - 1) / kc_;
+    state_ = a.Dv + 2;  // O[Dv], m, l
+    auto round = [](Index n) { return (n + 15) / 16 * 16; };
+    off_qs_ = 0;
+    off_s_ = off_qs_ + round(a.H * a.Lq * a.D);
+    off_tmp_ = off_s_ + round(a.H * a.Lq * tk_);
+    scratch_ = off_tmp_ + round(a.Dv) + round(a.Lq * state_) + 16;  // merge: O sum, states
+  }
+
+  Index items() const { return a_.B * n_chunks_; }
+  Index scratch_elements() const { return scratch_; }
+  // Partial states: [B, chunks, H, Lq, Dv + 2]; skipped flags: [B, chunks, H].
+  Index partial_elements() const { return a_.B * n_chunks_ * a_.H * a_.Lq * state_; }
+  Index flag_elements() const { return a_.B * n_chunks_ * a_.H; }
+
+  // Item (b, chunk): the partial states of every head and row. `uses`: H entries.
+  void run(Index item, C* scratch, TileUse* uses, C* partials, unsigned char* skipped) const {
+    const Index b = item / n_chunks_, c = item % n_chunks_;
+    const Index j0 = c * kc_, j1 = std::min(a_.Lk, j0 + kc_);
+    C* qs = scratch + off_qs_;
+    load_queries(b, 0, a_.H, qs);
+    for (Index h = 0; h < a_.H; ++h) {
+      uses[h] = classify_tile(a_, b, h, 0, a_.Lq, j0, j1);
+      // this kernel computes whole chunks: the causal mask applies over all of [j0, j1)
+      uses[h].causal_cut = a_.causal && j1 - 1 > a_.causal_offset;
+      skipped[(b * n_chunks_ + c) * a_.H + h] = uses[h].skip ? 1 : 0;
+    }
+    chunk(b, j0, j1, 0, a_.H, uses, qs, partials + (b * n_chunks_ + c) * a_.H * a_.Lq * state_, scratch);
+  }
+
+  // Combines the chunks' states of every (b, h, row) and writes the output (one thread;
+  // `scratch` is a worker's, for re-running skipped chunks).
+  void merge(const C* partials, const unsigned char* skipped, C* scratch) const {
+    C* qs = scratch + off_qs_;
+    C* tmp = scratch + off_tmp_;
+    for (Index b = 0; b < a_.B; ++b)
+      for (Index h = 0; h < a_.H; ++h)
+        for (Index r = 0; r < a_.Lq; ++r) {
+          C mx = Policy::initial_max();
+          for (Index c = 0; c < n_chunks_; ++c) mx = std::max(mx, state(partials, b, c, h, r)[a_.Dv]);
+          C l = 0;
+          T* o = a_.out + b * a_.o_sb + r * a_.o_sl + h * a_.o_sh;
+          // accumulate in place in `tmp` (Dv) in chunk order
+          std::fill(tmp, tmp + a_.Dv, C(0));
+          auto add = [&](const C* st) {
+            const C w = std::exp(st[a_.Dv] - mx);
+            l += st[a_.Dv + 1] * w;
+            for (Index d = 0; d < a_.Dv; ++d) tmp[d] += st[d] * w;
+          };
+          for (Index c = 0; c < n_chunks_; ++c) add(state(partials, b, c, h, r));
+          if (!Policy::masked_vanish(mx)) {
+            // The row sees the skipped (masked) chunks: compute them for this head (every
+            // row, into `st`) and add row r's state.
+            C* st = tmp + round16(a_.Dv);
+            load_queries(b, h, h + 1, qs);
+            TileUse u;
+            u.mask_mixed = static_cast<bool>(a_.mask);
+            u.causal_cut = a_.causal;
+            for (Index c = 0; c < n_chunks_; ++c) {
+              if (!skipped[(b * n_chunks_ + c) * a_.H + h]) continue;
+              const Index j0 = c * kc_, j1 = std::min(a_.Lk, j0 + kc_);
+              chunk(b, j0, j1, h, h + 1, &u, qs, st, scratch);
+              add(st + r * state_);
+            }
+          }
+          C* oa = a_.out_acc ? a_.out_acc + b * a_.o_sb + r * a_.o_sl + h * a_.o_sh : nullptr;
+          for (Index d = 0; d < a_.Dv; ++d) {
+            const C x = tmp[d] / l;
+            const C y = a_.keep ? x * pol_.keep_scale() : x;
+            o[d] = static_cast<T>(y);
+            if (oa) oa[d] = y;
+          }
+          if (a_.row_max) {  // the statistics the backward needs
+            a_.row_max[(b * a_.H + h) * a_.Lq + r] = mx;
+            a_.row_sum[(b * a_.H + h) * a_.Lq + r] = l;
+          }
+        }
+  }
+
+ private:
+  const AttentionProblem<T>& a_;
+  const Policy pol_;
+  Index tk_ = 0, kc_ = 0, n_chunks_ = 0, state_ = 0;
+  Index off_qs_ = 0, off_s_ = 0, off_tmp_ = 0, scratch_ = 0;
+
+  static Index round16(Index n) { return (n + 15) / 16 * 16; }
+  const C* state(const C* partials, Index b, Index c, Index h, Index r) const {
+    return partials + (((b * n_chunks_ + c) * a_.H + h) * a_.Lq + r) * state_;
+  }
+  void init_state(C* st) const {
+    std::fill(st, st + a_.Dv, C(0));
+    st[a_.Dv] = Policy::initial_max();
+    st[a_.Dv + 1] = C(0);
+  }
+
+  // The policy's query (Flax: query / scale rounded to T), for heads [h0, h1):
+  // qs[(h - h0) * Lq + r][D].
+  void load_queries(Index b, Index h0, Index h1, C* qs) const {
+    for (Index h = h0; h < h1; ++h)
+      for (Index r = 0; r < a_.Lq; ++r) {
+        const T* q = a_.query + b * a_.q_sb + r * a_.q_sl + h * a_.q_sh;
+        C* dst = qs + ((h - h0) * a_.Lq + r) * a_.D;
+        for (Index d = 0; d < a_.D; ++d) dst[d] = pol_.query(q[d]);
+      }
+  }
+
+  // The states of keys [j0, j1) for heads [h0, h1) (uses[h - h0]; skipped heads keep the
+  // empty state) and every row: part[((h - h0) * Lq + r) * (Dv + 2)]. In key tiles. When
+  // the heads lie side by side in a row (Flax's [L, H, D]: head stride = depth), a tile is
+  // read key by key across all heads, front to back in memory; otherwise (head-major)
+  // head by head, each head's rows being contiguous.
+  void chunk(Index b, Index j0, Index j1, Index h0, Index h1, const TileUse* uses, const C* qs, C* part,
+             C* scratch) const {
+    for (Index i = 0; i < (h1 - h0) * a_.Lq; ++i) init_state(part + i * state_);
+    C* s = scratch + off_s_;  // logits / weights of a tile: [h - h0][r][tk]
+    const bool side_by_side = a_.k_sh == a_.D && a_.v_sh == a_.Dv && h1 - h0 > 1;
+    // Rows are fetched ~8 KiB ahead: the loads are interleaved with arithmetic, and the
+    // hardware prefetchers alone left ~40% of the read bandwidth unused (Zen 3).
+    const Index k_span = ((h1 - h0 - 1) * a_.k_sh + a_.D) * Index(sizeof(T));
+    const Index v_span = ((h1 - h0 - 1) * a_.v_sh + a_.Dv) * Index(sizeof(T));
+    const Index ahead = std::max<Index>(2, 8192 / std::max<Index>(k_span, 1));
+    for (Index t0 = j0; t0 < j1; t0 += tk_) {
+      const Index nk = std::min(tk_, j1 - t0);
+      if (side_by_side) {
+        // logits of every (head, row), key by key
+        for (Index j = 0; j < nk; ++j) {
+          const T* krow = a_.key + b * a_.k_sb + (t0 + j) * a_.k_sl;
+          if (t0 + j + ahead < a_.Lk) simd::prefetch(krow + ahead * a_.k_sl + h0 * a_.k_sh, k_span);
+          for (Index h = h0; h < h1; ++h) {
+            if (uses[h - h0].skip) continue;
+            for (Index r = 0; r < a_.Lq; ++r) {
+              const Index hr = (h - h0) * a_.Lq + r;
+              s[hr * tk_ + j] = dot(qs + hr * a_.D, krow + h * a_.k_sh);
+            }
+          }
+        }
+        // softmax per (head, row); O *= alpha
+        for (Index h = h0; h < h1; ++h) {
+          if (uses[h - h0].skip) continue;
+          for (Index r = 0; r < a_.Lq; ++r) {
+            const Index hr = (h - h0) * a_.Lq + r;
+            C* st = part + hr * state_;
+            const C alpha = softmax_tile(b, h, r, t0, nk, uses[h - h0], s + hr * tk_, st);
+            scale(st, alpha);
+          }
+        }
+        // O += p V, key by key across heads
+        for (Index j = 0; j < nk; ++j) {
+          const T* vrow = a_.value + b * a_.v_sb + (t0 + j) * a_.v_sl;
+          if (t0 + j + ahead < a_.Lk) simd::prefetch(vrow + ahead * a_.v_sl + h0 * a_.v_sh, v_span);
+          for (Index h = h0; h < h1; ++h) {
+            if (uses[h - h0].skip) continue;
+            for (Index r = 0; r < a_.Lq; ++r) {
+              const Index hr = (h - h0) * a_.Lq + r;
+              axpy(s[hr * tk_ + j], vrow + h * a_.v_sh, part + hr * state_);
+            }
+          }
+        }
+      } else {
+        for (Index h = h0; h < h1; ++h) {
+          const TileUse& u = uses[h - h0];
+          if (u.skip) continue;
+          // K and V in place (half types widened as they are loaded, so that the loads
+          // stay interleaved with the arithmetic, as they are for float).
+          const T* k = a_.key + b * a_.k_sb + t0 * a_.k_sl + h * a_.k_sh;
+          const T* v = a_.value + b * a_.v_sb + t0 * a_.v_sl + h * a_.v_sh;
+          for (Index r = 0; r < a_.Lq; ++r) {
+            const Index hr = (h - h0) * a_.Lq + r;
+            C* st = part + hr * state_;
+            dots(qs + hr * a_.D, k, a_.k_sl, nk, s);
+            const C alpha = softmax_tile(b, h, r, t0, nk, u, s, st);
+            axpy_rows(s, v, a_.v_sl, nk, alpha, st);
+          }
+        }
+      }
+    }
+  }
+
+  // The policy's logits of keys [t0, t0 + nk) in s (Flax: rounded to T, + bias rounded,
+  // masked to lowest(T)), then the online softmax: s becomes the weights exp(s - m') (0
+  // where dropped), the state's m and l are updated; returns alpha = exp(m - m') for O.
+  C softmax_tile(Index b, Index h, Index r, Index t0, Index nk, const TileUse& u, C* s, C* st) const {
+    const C low = Policy::mask_value();
+    C mt = st[a_.Dv];
+    const T* br = a_.bias ? a_.bias.row(b, h, r) : nullptr;
+    const bool* mr = u.mask_mixed ? a_.mask.row(b, h, r) : nullptr;
+    for (Index j = 0; j < nk; ++j) {
+      C x = pol_.logit(s[j]);
+      if (br) x = pol_.add_bias(x, br[(t0 + j) * a_.bias.sk]);
+      if (mr && !mr[(t0 + j) * a_.mask.sk]) x = low;
+      if (u.causal_cut && t0 + j > r + a_.causal_offset) x = low;
+      s[j] = x;
+      mt = std::max(mt, x);
+    }
+    const C alpha = std::exp(st[a_.Dv] - mt);
+    Index j = 0;
+    const P mv = simd::set1<P>(mt);
+    P sv = simd::set1<P>(C(0));
+    for (; j + W <= nk; j += W) {
+      const P p = simd::exp_nonpositive(simd::sub(simd::load<P>(s + j), mv));
+      sv = simd::add(sv, p);
+      simd::store(s + j, p);
+    }
+    C sum = hsum(sv);
+    for (; j < nk; ++j) {
+      s[j] = std::exp(s[j] - mt);
+      sum += s[j];
+    }
+    st[a_.Dv] = mt;
+    st[a_.Dv + 1] = st[a_.Dv + 1] * alpha + sum;
+    if (a_.keep) {
+      const bool* kr = a_.keep.row(b, h, r);
+      for (Index jj = 0; jj < nk; ++jj)
+        if (!kr[(t0 + jj) * a_.keep.sk]) s[jj] = C(0);
+    }
+    return alpha;
+  }
+
+  // q . k over the depth.
+  C dot(const C* q, const T* k) const {
+    const Index D = a_.D, dv = D / W * W;
+    P acc0 = simd::set1<P>(C(0)), acc1 = acc0;
+    Index d = 0;
+    for (; d + 2 * W <= dv; d += 2 * W) {
+      acc0 = simd::fmadd(simd::load<P>(q + d), simd::load_as<P>(k + d), acc0);
+      acc1 = simd::fmadd(simd::load<P>(q + d + W), simd::load_as<P>(k + d + W), acc1);
+    }
+    for (; d < dv; d += W) acc0 = simd::fmadd(simd::load<P>(q + d), simd::load_as<P>(k + d), acc0);
+    C x = hsum(simd::add(acc0, acc1));
+    for (; d < D; ++d) x += q[d] * static_cast<C>(k[d]);
+    return x;
+  }
+
+  // o[0, Dv) *= alpha
+  void scale(C* o, C alpha) const {
+    const Index Dv = a_.Dv;
+    Index c = 0;
+    const P av = simd::set1<P>(alpha);
+    for (; c + W <= Dv; c += W) simd::store(o + c, simd::mul(simd::load<P>(o + c), av));
+    for (; c < Dv; ++c) o[c] *= alpha;
+  }
+
+  // o[0, Dv) += p * v[0, Dv)
+  void axpy(C p, const T* v, C* o) const {
+    const Index Dv = a_.Dv;
+    Index c = 0;
+    const P pv = simd::set1<P>(p);
+    for (; c + W <= Dv; c += W) simd::store(o + c, simd::fmadd(pv, simd::load_as<P>(v + c), simd::load<P>(o + c)));
+    for (; c < Dv; ++c) o[c] += p * static_cast<C>(v[c]);
+  }
+
+  // s[j] = q . k[j*ks .. + D) for j < nk.
+  void dots(const C* q, const T* k, Index ks, Index nk, C* s) const {
+    const Index D = a_.D, dv = D / W * W;
+    Index j = 0;
+    for (; j + 4 <= nk; j += 4) {
+      const T* k0 = k + j * ks;
+      P acc[4];
+      gemm::unroll<4>([&](auto i) { acc[i] = simd::set1<P>(C(0)); });
+      for (Index d = 0; d < dv; d += W) {
+        const P qv = simd::load<P>(q + d);
+        gemm::unroll<4>([&](auto i) { acc[i] = simd::fmadd(qv, simd::load_as<P>(k0 + i * ks + d), acc[i]); });
+      }
+      gemm::unroll<4>([&](auto i) {
+        C x = hsum(acc[i]);
+        for (Index d = dv; d < D; ++d) x += q[d] * static_cast<C>(k0[i * ks + d]);
+        s[j + i] = x;
+      });
+    }
+    for (; j < nk; ++j) {
+      const T* kj = k + j * ks;
+      P acc = simd::set1<P>(C(0));
+      for (Index d = 0; d < dv; d += W) acc = simd::fmadd(simd::load<P>(q + d), simd::load_as<P>(kj + d), acc);
+      C x = hsum(acc);
+      for (Index d = dv; d < D; ++d) x += q[d] * static_cast<C>(kj[d]);
+      s[j] = x;
+    }
+  }
+
+  static C hsum(const P& x) {
+    if constexpr (simd::is_scalar_v<P>) return x;
+    else return Eigen::internal::predux(x);
+  }
+
+  // O = alpha O + sum_j p[j] v[j*vs .. + Dv), O = st[0, Dv), 8 vectors at a time.
+  void axpy_rows(const C* p, const T* v, Index vs, Index nk, C alpha, C* o) const {
+    constexpr int NV = 8;
+    const Index Dv = a_.Dv;
+    Index c = 0;
+    const P av = simd::set1<P>(alpha);
+    for (; c + NV * W <= Dv; c += NV * W) {
+      P acc[NV];
+      gemm::unroll<NV>([&](auto i) { acc[i] = simd::mul(simd::load<P>(o + c + i * W), av); });
+      for (Index j = 0; j < nk; ++j) {
+        const P pj = simd::set1<P>(p[j]);
+        const T* vj = v + j * vs + c;
+        gemm::unroll<NV>([&](auto i) { acc[i] = simd::fmadd(pj, simd::load_as<P>(vj + i * W), acc[i]); });
+      }
+      gemm::unroll<NV>([&](auto i) { simd::store(o + c + i * W, acc[i]); });
+    }
+    for (; c + W <= Dv; c += W) {
+      P acc = simd::mul(simd::load<P>(o + c), av);
+      for (Index j = 0; j < nk; ++j) acc = simd::fmadd(simd::set1<P>(p[j]), simd::load_as<P>(v + j * vs + c), acc);
+      simd::store(o + c, acc);
+    }
+    for (; c < Dv; ++c) {
+      C acc = o[c] * alpha;
+      for (Index j = 0; j < nk; ++j) acc += p[j] * static_cast<C>(v[j * vs + c]);
+      o[c] = acc;
+    }
+  }
+};
+
+template <class Policy, class P>
+void run_row_kernel(const AttentionProblem<typename Policy::element_type>& a) {
+  using C = typename Policy::accum_type;
+  const RowKernel<Policy, P> kernel(a);
+  const Index items = kernel.items();
+  const int workers =
+      a.pool ? static_cast<int>(std::min<Index>(std::max(1, a.pool->NumThreads()), items)) : 1;
+  const Index per = kernel.scratch_elements();
+  constexpr Index align = 64 / Index(sizeof(C));
+  RowScratch<C> local;
+  RowScratch<C>& s = a.row_scratch ? *a.row_scratch : local;
+  s.storage.resize(static_cast<std::size_t>(per * workers + align + kernel.partial_elements()));
+  s.skipped.resize(static_cast<std::size_t>(kernel.flag_elements()));
+  s.uses.resize(static_cast<std::size_t>(a.H * workers));
+  C* base = s.storage.data();
+  while (reinterpret_cast<std::uintptr_t>(base) % 64 != 0) ++base;
+  C* partials = base + per * workers;
+  parallel_for(a.pool, workers, items, [&](int worker, Index item) {
+    kernel.run(item, base + worker * per, s.uses.data() + worker * a.H, partials, s.skipped.data());
+  });
+  kernel.merge(partials, s.skipped.data(), base);
+}
+
+}  // namespace fused
+}  // namespace detail
+}  // namespace linen
+
+#endif  // LINEN_DETAIL_ATTENTION_ROW_KERNEL_HPP
