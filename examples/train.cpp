@@ -99,8 +99,7 @@ int main() {
   linen::DenseGeneral<float, float, 1, 1>::Config dense_cfg;
   dense_cfg.features = {kVocab};
   const linen::DenseGeneral<float, float, 1, 1> dense(dense_cfg);
-  const auto dense_keys = linen::random::split(keys[3]);
-  auto dense_params = dense.init({kFeatures}, dense_keys[0], dense_keys[1]);
+  auto dense_params = dense.init(keys[3], {kFeatures});  // Flax: Dense(...).init(keys[3], h)
 
   // ---- the optimizer: one Adam slot per parameter array --------------------------------
   Adam adam(3e-3f);

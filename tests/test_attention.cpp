@@ -4,6 +4,7 @@
 // no bias, qkv/out features, normalize_qk, sow_weights, force_fp32_for_softmax.
 #include <sstream>
 #include <string>
+#include <type_traits>
 
 #include "attention_fixture.hpp"
 
@@ -278,6 +279,70 @@ TEST(LoadAttention, BindsUnderAModulePathAndRoundTrips) {
   const linen::SelfAttention<float> attn(cfg);
   EXPECT_EQ(rel_err(attn.apply(again, x), attn.apply(vars, x)), 0.0);
   EXPECT_THROW((void)linen::io::load_attention(back, cfg, "encoder/layers_1/attn"), linen::io_error);
+}
+
+// The parameter-shape rule lives once (AttentionParamShapes): init makes those shapes,
+// apply checks them, and load_attention reads a checkpoint by them (so a config that
+// disagrees with a checkpoint fails at load, naming the path, not at the first apply).
+TEST(ParamShapes, OneRuleForInitApplyAndLoad) {
+  linen::AttentionConfig<float> cfg;
+  cfg.num_heads = 2;
+  cfg.qkv_features = 8;
+  cfg.out_features = 6;
+  cfg.normalize_qk = true;
+  const linen::MultiHeadAttention<float> attn(cfg);  // Flax's alias
+  static_assert(std::is_same_v<linen::MultiHeadAttention<float>, linen::MultiHeadDotProductAttention<float>>);
+  const auto s = attn.param_shapes(10, 7, 5);
+  EXPECT_EQ(s.head_dim, 4);
+  EXPECT_EQ(s.query_kernel, Shape({10, 2, 4}));
+  EXPECT_EQ(s.key_kernel, Shape({7, 2, 4}));
+  EXPECT_EQ(s.value_kernel, Shape({5, 2, 4}));
+  EXPECT_EQ(s.qkv_bias, Shape({2, 4}));
+  EXPECT_EQ(s.out_kernel, Shape({2, 4, 6}));
+  EXPECT_EQ(s.out_bias, Shape({6}));
+  EXPECT_EQ(s.ln_scale, Shape({4}));
+  Tensor<float, 3> q(1, 3, 10), k(1, 4, 7), v(1, 4, 5);
+  q.setConstant(0.5f);
+  k.setConstant(-0.25f);
+  v.setConstant(1.0f);
+  const auto vars = attn.init(linen::random::key(0), q, k, v);
+  const auto& p = vars.params;
+  EXPECT_EQ(linen::shape_of(p.query.kernel), s.query_kernel);
+  EXPECT_EQ(linen::shape_of(p.key.kernel), s.key_kernel);
+  EXPECT_EQ(linen::shape_of(p.value.kernel), s.value_kernel);
+  EXPECT_EQ(linen::shape_of(p.out.kernel), s.out_kernel);
+  EXPECT_EQ(linen::shape_of(p.key_ln.scale), s.ln_scale);
+  // apply takes the variables or, as Flax's mod.apply({'params': p}, ...), the params.
+  EXPECT_EQ(rel_err(attn.apply(p, q, k, v), attn.apply(vars, q, k, v)), 0.0);
+  const linen::SelfAttention<float> self(cfg);
+  const auto sv = self.init(linen::random::key(1), q);
+  EXPECT_EQ(rel_err(self.apply(sv.params, q), self.apply(sv, q)), 0.0);
+  // load_attention: the stored kernels give the input widths, the rule the rest.
+  linen::io::Variables saved;
+  linen::io::store_attention(saved, vars, cfg);
+  EXPECT_EQ(rel_err(attn.apply(linen::io::load_attention(saved, cfg), q, k, v), attn.apply(vars, q, k, v)), 0.0);
+  auto no_out = cfg;
+  no_out.out_features.reset();  // out_features would be 10 (inputs_q's): the file has 6
+  try {
+    (void)linen::io::load_attention(saved, no_out);
+    FAIL() << "no exception";
+  } catch (const linen::io_error& e) {
+    EXPECT_NE(std::string(e.what()).find("params/out/kernel: shape (2, 4, 6) gives out_features 6, the config says none "
+                                         "(out_features = in_features = 10)"),
+              std::string::npos)
+        << e.what();
+  }
+  auto no_qkv = cfg;
+  no_qkv.qkv_features.reset();  // qkv_features would be 10 (inputs_q's): the file has 2 * 4
+  try {
+    (void)linen::io::load_attention(saved, no_qkv);
+    FAIL() << "no exception";
+  } catch (const linen::io_error& e) {
+    EXPECT_NE(std::string(e.what()).find("params/query/kernel: shape (10, 2, 4) gives qkv_features 8, the config says "
+                                         "none (qkv_features = in_features = 10)"),
+              std::string::npos)
+        << e.what();
+  }
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 // The module's state and randomness: decode cache (decode_*, msgpack_*.safetensors),
 // dropout (dropout_*), init (init_*, statistics of the built-in initializers).
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <string>
 
@@ -306,9 +307,11 @@ TEST_P(InitGolden, ParamsEqualFlaxInitForTheSameSeed) {
   for (auto [nm, pa, pb] : {std::tuple{"query", &a.query, &b.query}, std::tuple{"key", &a.key, &b.key},
                             std::tuple{"value", &a.value, &b.value}}) {
     EXPECT_LE(rel_err(pa->kernel, pb->kernel), 1e-6) << nm;
+    EXPECT_EQ(rel_err(pa->kernel, pb->kernel), 0.0) << nm << ": 0 ulp (the module's init is Flax's, bit for bit)";
     EXPECT_EQ(rel_err(pa->bias, pb->bias), 0.0) << nm;
   }
   EXPECT_LE(rel_err(a.out.kernel, b.out.kernel), 1e-6);
+  EXPECT_EQ(rel_err(a.out.kernel, b.out.kernel), 0.0);
   EXPECT_EQ(rel_err(a.out.bias, b.out.bias), 0.0);
   if (cfg.normalize_qk) {
     EXPECT_EQ(rel_err(a.query_ln.scale, b.query_ln.scale), 0.0);
@@ -318,6 +321,66 @@ TEST_P(InitGolden, ParamsEqualFlaxInitForTheSameSeed) {
 
 INSTANTIATE_TEST_SUITE_P(Flax, InitGolden, ::testing::Values("init_default", "init_qkv_out_normqk"),
                          [](const auto& info) { return std::string(info.param); });
+
+// A module inside a larger one draws from the scope its parent pushed for it. Flax's rule
+// (flax/core/scope.py, Flax 0.12): Scope.push(name) appends `name` to every rng's suffix
+// (LazyRng.create(rng, name)) and gives the child scope fresh counters; make_rng('params')
+// increments the scope's counter c and returns LazyRng.create(rng, c).as_jax_rng(), i.e.
+// _fold_in_static(root, path + (c,)): one SHA-1 over the path's names and the counter,
+// folded into the root key. A linen Module's submodule is the scope pushed with its name,
+// and self.param draws make_rng('params') in declaration order. So in
+//   class Layer(nn.Module):   # at encoder/layers_0 of the model
+//     def __call__(self, x): return nn.SelfAttention(..., name='attn')(x)
+// Model().init(key, x) makes attn's query/kernel lecun_normal(_fold_in_static(key,
+// ("encoder", "layers_0", "attn", "query", 1)), (in, heads * head_dim)), its query/bias
+// from counter 2, then key, value, query_ln, key_ln, out likewise; attn draws nothing itself.
+TEST(Init, NestedModuleDrawsTheKeysFlaxDerivesForItsPath) {
+  linen::AttentionConfig<float> cfg;
+  cfg.num_heads = 2;
+  cfg.qkv_features = 8;
+  cfg.out_features = 6;
+  cfg.normalize_qk = true;
+  cfg.bias_init = linen::initializers::normal{0.3};  // so that each bias key shows
+  const linen::SelfAttention<float> attn(cfg);
+  Tensor<float, 3> x(2, 3, 10);
+  x.setZero();
+  const linen::random::Key root = linen::random::key(7);
+  linen::random::RngScope scope = linen::random::RngScope(root).push("encoder").push("layers_0").push("attn");
+  const auto vars = attn.init(scope, x);
+  EXPECT_EQ(scope.counter(), 0u);  // the attention module itself draws no parameter
+  const std::vector<std::string> path = {"encoder", "layers_0", "attn"};
+  const auto flax_key = [&](const std::string& sub, std::uint64_t counter) {
+    std::vector<std::string> p = path;
+    p.push_back(sub);
+    return linen::random::flax_rng(root, p, counter);
+  };
+  const auto draw = [](const linen::initializers::Initializer<float>& init, linen::random::Key k, const Shape& s) {
+    std::vector<float> out(static_cast<std::size_t>(linen::num_elements(s)));
+    init(k, s, out.data());
+    return out;
+  };
+  const auto same = [](const auto& t, const std::vector<float>& want) {
+    return t.size() == static_cast<Index>(want.size()) &&
+           std::memcmp(t.data(), want.data(), sizeof(float) * want.size()) == 0;
+  };
+  const auto& p = vars.params;
+  for (auto [name, d] : {std::pair{"query", &p.query}, std::pair{"key", &p.key}, std::pair{"value", &p.value}}) {
+    EXPECT_TRUE(same(d->kernel, draw(linen::initializers::lecun_normal(), flax_key(name, 1), {10, 8}))) << name;
+    EXPECT_TRUE(same(d->bias, draw(cfg.bias_init, flax_key(name, 2), {8}))) << name;
+  }
+  EXPECT_TRUE(same(p.out.kernel, draw(linen::initializers::lecun_normal(), flax_key("out", 1), {8, 6})));
+  EXPECT_TRUE(same(p.out.bias, draw(cfg.bias_init, flax_key("out", 2), {6})));
+  EXPECT_TRUE(same(p.query_ln.scale, std::vector<float>(4, 1.0f)));
+  // The same scope as a temporary, and a top-level init(key) = the root scope (empty path).
+  const auto again = attn.init(linen::random::RngScope(root).push("encoder").push("layers_0").push("attn"), x);
+  EXPECT_TRUE(same(again.params.value.kernel, draw(linen::initializers::lecun_normal(), flax_key("value", 1), {10, 8})));
+  const auto top = attn.init(root, x);
+  const auto top_scope = attn.init(linen::random::RngScope(root), x);
+  EXPECT_TRUE(same(top.params.query.kernel,
+                   draw(linen::initializers::lecun_normal(), linen::random::flax_rng(root, {"query"}, 1), {10, 8})));
+  EXPECT_EQ(rel_err(top.params.out.kernel, top_scope.params.out.kernel), 0.0);
+  EXPECT_GT(rel_err(top.params.query.kernel, vars.params.query.kernel), 0.0);  // the path matters
+}
 
 double stddev(const float* p, Index n) {
   double m = 0, m2 = 0;

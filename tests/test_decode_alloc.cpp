@@ -6,6 +6,7 @@
 #define EIGEN_RUNTIME_NO_MALLOC
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <random>
 
@@ -122,6 +123,58 @@ TEST(DecodeAllocation, Bfloat16WithFloatParams) {
 }
 TEST(DecodeAllocation, HalfWithHalfParams) {
   expect_no_allocation_after_warm_up<Eigen::half, Eigen::half>(64, 4, false, true);
+}
+
+// One workspace shared by decoders whose caches differ in max_length (and by two
+// modules): once each shape has been served, alternating between them neither
+// re-validates nor allocates.
+TEST(DecodeAllocation, SharedWorkspaceAlternatingCachesAndModules) {
+  linen::AttentionConfig<float> cfg;
+  cfg.num_heads = 4;
+  cfg.decode = true;
+  const linen::SelfAttention<float> a(cfg);
+  auto cfg_b = cfg;
+  cfg_b.normalize_qk = true;
+  const linen::MultiHeadDotProductAttention<float> b(cfg_b);
+  std::mt19937 g(2);
+  std::normal_distribution<float> d;
+  Tensor<float, 3> x(2, 1, 32);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = d(g);
+  const auto va = a.init(linen::random::key(0), x), vb = b.init(linen::random::key(1), x);
+  auto c1 = a.init_cache(va.params, {2}, 100), c2 = a.init_cache(va.params, {2}, 257), c3 = b.init_cache(vb.params, {2}, 64);
+  Tensor<bool, 4> mask(2, 1, 1, 100);  // masked steps on c1 only: a mask plan per shape
+  mask.setConstant(true);
+  mask(1, 0, 0, 2) = false;
+  linen::CallOptions<float> masked;
+  masked.mask = mask;
+  linen::DecodeWorkspace<float> ws;
+  Tensor<float, 3> out(2, 1, 32);
+  a.decode_step(va.params, c1, x, out, ws, masked);  // warm-up: each shape once
+  a.decode_step(va.params, c2, x, out, ws);
+  b.decode_step(vb.params, c3, x, out, ws);
+  long news = 0;
+  {
+    NoAllocation guard;
+    for (Index i = 1; i < 60; ++i) {
+      x(0, 0, i % 32) += 0.25f;
+      a.decode_step(va.params, c1, x, out, ws, masked);
+      a.decode_step(va.params, c2, x, out, ws);
+      b.decode_step(vb.params, c3, x, out, ws);
+    }
+    news = guard.count();
+  }
+  EXPECT_EQ(news, 0) << "operator new calls in 177 alternating decode steps after warm-up";
+  EXPECT_EQ(c1.cache_index, 60);
+  EXPECT_EQ(c2.cache_index, 60);
+  EXPECT_EQ(c3.cache_index, 60);
+  // Each step through the shared workspace still equals apply's on the same cache state.
+  linen::CallOptions<float> plain;
+  for (auto [c, call] : {std::pair{&c1, &masked}, std::pair{&c2, &plain}}) {
+    auto copy = *c;
+    const Tensor<float, 3> y = a.apply(va.params, copy, x, *call);
+    a.decode_step(va.params, *c, x, out, ws, *call);
+    EXPECT_EQ(std::memcmp(out.data(), y.data(), sizeof(float) * static_cast<std::size_t>(y.size())), 0);
+  }
 }
 
 }  // namespace

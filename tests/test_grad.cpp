@@ -531,7 +531,7 @@ void dense_fd(bool use_bias, const std::array<Index, Axes>& in, const std::array
   c.features = features;
   c.use_bias = use_bias;
   const linen::DenseGeneral<double, double, Axes, Features> dense(c);
-  auto params = dense.init(in, linen::random::key(1), linen::random::key(2));
+  auto params = dense.init(linen::random::key(1), in);
   for (Index i = 0; i < params.bias.size(); ++i) params.bias.data()[i] = 0.3 * (i % 5) - 0.5;
   std::array<Index, 2 + Axes> xd{};
   xd[0] = 2, xd[1] = 3;
@@ -565,7 +565,7 @@ TEST(DenseGeneralVjp, ThreadPoolGivesTheSameGradients) {
   typename linen::DenseGeneral<float, float, 1, 1>::Config c;
   c.features = {37};
   const linen::DenseGeneral<float, float, 1, 1> dense(c);
-  const auto params = dense.init({29}, linen::random::key(1), linen::random::key(2));
+  const auto params = dense.init(linen::random::key(1), {29});
   const auto x = random_tensor<float, 2>({41, 29}, gen);
   const auto ct = random_tensor<float, 2>({41, 37}, gen);
   Eigen::ThreadPool pool(3);
@@ -591,7 +591,7 @@ TEST(LayerNormVjp, MatchesFiniteDifferences) {
         c.use_bias = use_bias;
         c.epsilon = 1e-3;
         const linen::LayerNorm<double> ln(c);
-        auto params = ln.init(6, linen::random::key(0), linen::random::key(1));
+        auto params = ln.init(linen::random::key(0), 6);
         for (Index i = 0; i < params.scale.size(); ++i) params.scale(i) = 1.0 + 0.2 * static_cast<double>(i % 3);
         for (Index i = 0; i < params.bias.size(); ++i) params.bias(i) = 0.1 * static_cast<double>(i);
         auto x = random_tensor<double, 3>({2, 3, 6}, gen, 2.0);
@@ -622,7 +622,7 @@ TEST(LayerNormVjp, MatchesFiniteDifferences) {
 // where jnp.maximum's derivative is 1/2; the cotangent stays finite.
 TEST(LayerNormVjp, ConstantRowIsFinite) {
   const linen::LayerNorm<float> ln;
-  const auto params = ln.init(4, linen::random::key(0), linen::random::key(1));
+  const auto params = ln.init(linen::random::key(0), 4);
   Tensor<float, 2> x(1, 4);
   x.setConstant(2.0f);
   Tensor<float, 2> ct(1, 4);

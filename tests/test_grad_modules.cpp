@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <random>
 #include <sstream>
@@ -512,6 +513,113 @@ TEST(AttentionVjp, HalfTypesAgreeWithDouble) {
   half_vs_double<Eigen::bfloat16, float>(2e-2);
   half_vs_double<Eigen::half, Eigen::half>(5e-3);
   half_vs_double<float, float>(2e-6);
+}
+
+// ---- the vjp runs the module's own forward -------------------------------------------------
+
+// vjp(module, ...) runs the module's apply with a tape (one forward, apply's code and
+// kernels), so its output equals apply()'s bit for bit: in every element type, with a mask,
+// dropout (a Key: the same keep mask for both calls), normalize_qk, cross attention with
+// one, two and three inputs, either backward implementation, and SelfAttention.
+template <class T, class P>
+void expect_vjp_output_is_apply(bool masked, bool dropout, bool normalize_qk, int inputs, linen::Implementation impl) {
+  std::ostringstream what;
+  what << "mask=" << masked << " dropout=" << dropout << " normalize_qk=" << normalize_qk << " inputs=" << inputs
+       << " impl=" << impl_name(impl);
+  SCOPED_TRACE(what.str());
+  std::mt19937 gen(3);
+  linen::AttentionConfig<T, P> cfg;
+  cfg.num_heads = 2;
+  cfg.normalize_qk = normalize_qk;
+  if (dropout) {
+    cfg.dropout_rate = 0.25;
+    cfg.broadcast_dropout = false;
+  }
+  const Index lk = inputs >= 2 ? 6 : 5;
+  const Tensor<T, 3> q = random_tensor<float, 3>({2, 5, 8}, gen).template cast<T>();
+  const Tensor<T, 3> k = random_tensor<float, 3>({2, lk, inputs >= 2 ? 7 : 8}, gen).template cast<T>();
+  const Tensor<T, 3> v = random_tensor<float, 3>({2, lk, inputs == 3 ? 5 : k.dimension(2)}, gen).template cast<T>();
+  const linen::MultiHeadDotProductAttention<T, P> m(cfg);
+  const auto vars = m.init(linen::random::key(1), q, k, v);
+  Tensor<bool, 4> mask(2, 1, 5, lk);
+  std::bernoulli_distribution keep(0.7);
+  for (Index i = 0; i < mask.size(); ++i) mask.data()[i] = keep(gen);
+  linen::CallOptions<T> call;
+  if (masked) call.mask = mask;
+  if (dropout) {
+    call.deterministic = false;
+    call.dropout_rng = linen::random::key(4);
+  }
+  linen::GradOptions go;
+  go.implementation = impl;
+  Tensor<T, 3> y_vjp, y_apply;
+  if (inputs == 1) {
+    y_vjp = linen::vjp(m, vars, q, call, go).output;
+    y_apply = m.apply(vars, q, call);
+  } else if (inputs == 2) {
+    y_vjp = linen::vjp(m, vars, q, k, call, go).output;
+    y_apply = m.apply(vars, q, k, call);
+  } else {
+    y_vjp = linen::vjp(m, vars, q, k, v, call, go).output;
+    y_apply = m.apply(vars, q, k, v, call);
+  }
+  ASSERT_EQ(linen::shape_of(y_vjp), linen::shape_of(y_apply));
+  EXPECT_EQ(std::memcmp(y_vjp.data(), y_apply.data(), sizeof(T) * static_cast<std::size_t>(y_apply.size())), 0);
+  if (inputs == 1) {
+    const linen::SelfAttention<T, P> self(cfg);
+    const Tensor<T, 3> ys = linen::vjp(self, vars, q, call, go).output;
+    EXPECT_EQ(std::memcmp(ys.data(), y_apply.data(), sizeof(T) * static_cast<std::size_t>(y_apply.size())), 0);
+  }
+}
+
+TEST(AttentionVjp, OutputIsApplysBitForBit) {
+  for (auto impl : {linen::Implementation::Auto, linen::Implementation::Reference})
+    for (int inputs : {1, 2, 3})
+      for (bool masked : {false, true})
+        for (bool dropout : {false, true}) {
+          expect_vjp_output_is_apply<float, float>(masked, dropout, inputs == 3, inputs, impl);
+          expect_vjp_output_is_apply<Eigen::bfloat16, float>(masked, dropout, inputs != 3, inputs, impl);
+        }
+  expect_vjp_output_is_apply<double, double>(true, true, true, 3, linen::Implementation::Fused);
+  expect_vjp_output_is_apply<Eigen::half, Eigen::half>(true, false, true, 2, linen::Implementation::Fused);
+}
+
+// DenseGeneral's and LayerNorm's vjps run their module's apply: the same output, bit for bit.
+TEST(LayerVjp, OutputIsApplysBitForBit) {
+  std::mt19937 gen(6);
+  linen::DenseGeneral<Eigen::bfloat16, float, 1, 2>::Config dc;
+  dc.features = {3, 4};
+  const linen::DenseGeneral<Eigen::bfloat16, float, 1, 2> dense(dc);
+  const Tensor<Eigen::bfloat16, 3> x = random_tensor<float, 3>({2, 5, 6}, gen).cast<Eigen::bfloat16>();
+  const auto dp = dense.init(linen::random::key(1), x);
+  const Tensor<Eigen::bfloat16, 4> yd = linen::vjp(dense, dp, x).output, yd_apply = dense.apply(dp, x);
+  EXPECT_EQ(std::memcmp(yd.data(), yd_apply.data(), sizeof(Eigen::bfloat16) * static_cast<std::size_t>(yd.size())), 0);
+  const linen::LayerNorm<float> norm;
+  const Tensor<float, 3> xf = random_tensor<float, 3>({2, 5, 6}, gen);
+  const auto np = norm.init(linen::random::key(2), xf);
+  const Tensor<float, 3> yn = linen::vjp(norm, np, xf).output, yn_apply = norm.apply(np, xf);
+  EXPECT_EQ(std::memcmp(yn.data(), yn_apply.data(), sizeof(float) * static_cast<std::size_t>(yn.size())), 0);
+}
+
+// With sow_weights the module's forward runs the reference attention; the vjp sows the
+// same weights apply sows and returns the same output.
+TEST(AttentionVjp, SowingOutputIsApplysBitForBit) {
+  std::mt19937 gen(5);
+  linen::AttentionConfig<float> cfg;
+  cfg.num_heads = 2;
+  const linen::SelfAttention<float> attn(cfg);
+  const auto x = random_tensor<float, 3>({2, 4, 6}, gen);
+  const auto vars = attn.init(linen::random::key(2), x);
+  std::vector<float> sown_apply, sown_vjp;
+  std::vector<float>* sink = &sown_apply;
+  linen::CallOptions<float> call;
+  call.sow_weights = [&](linen::ArrayRef<float> w) { sink->assign(w.data(), w.data() + linen::num_elements(w.shape())); };
+  const Tensor<float, 3> y_apply = attn.apply(vars, x, call);
+  sink = &sown_vjp;
+  const Tensor<float, 3> y_vjp = linen::vjp(attn, vars, x, call).output;
+  EXPECT_EQ(std::memcmp(y_vjp.data(), y_apply.data(), sizeof(float) * static_cast<std::size_t>(y_apply.size())), 0);
+  EXPECT_EQ(sown_vjp, sown_apply);
+  EXPECT_EQ(sown_apply.size(), 2u * 2 * 4 * 4);
 }
 
 // ---- sowing and errors ---------------------------------------------------------------------

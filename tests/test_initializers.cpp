@@ -5,7 +5,9 @@
 //     Flax's rng stream (module path + param counter) and DenseGeneral's flattened
 //     shape (init_default, init_qkv_out_normqk);
 //   - the statistics, bounds and fan arithmetic of every built-in, in every type.
+#include <linen/dense.hpp>
 #include <linen/initializers.hpp>
+#include <linen/layer_norm.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -14,6 +16,8 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -146,6 +150,70 @@ TEST(InitializersGolden, FlaxSelfAttentionInitKernels) {
     EXPECT_NE(other, v.at("params/key/kernel").to_vector<float>("key"));
   }
 }
+
+// DenseGeneral and LayerNorm draw their parameters from their scope's counter in Flax's
+// declaration order (flax/linen/linear.py: kernel then bias; normalization.py: scale then
+// bias; flax/core/scope.py: each self.param takes make_rng('params'), counting from 1):
+// init(key) is a top-level module (the root scope, empty path), init(scope) a submodule at
+// the scope's path, whose counter advances as Flax's does.
+TEST(ModuleInit, DenseAndLayerNormDrawTheirScopesKeysInDeclarationOrder) {
+  linen::DenseGeneral<float, float, 1, 2>::Config dc;
+  dc.features = {2, 3};
+  dc.bias_init = init::normal{0.5};
+  const linen::DenseGeneral<float, float, 1, 2> dense(dc);
+  const random::Key root = random::key(3);
+  const auto top = dense.init(root, {4});
+  EXPECT_EQ(top.kernel.size(), 24);
+  const auto same = [](const auto& t, const std::vector<float>& want) {
+    return t.size() == static_cast<Index>(want.size()) &&
+           std::memcmp(t.data(), want.data(), sizeof(float) * want.size()) == 0;
+  };
+  EXPECT_TRUE(same(top.kernel, run<float>(init::lecun_normal(), random::flax_rng(root, {}, 1), {4, 6})));
+  EXPECT_TRUE(same(top.bias, run<float>(dc.bias_init, random::flax_rng(root, {}, 2), {6})));
+  // A submodule at mlp/dense_0, from an input tensor; the caller's scope counts the draws.
+  random::RngScope scope = random::RngScope(root).push("mlp").push("dense_0");
+  linen::Tensor<float, 3> x(2, 5, 4);
+  x.setZero();
+  const auto sub = dense.init(scope, x);
+  EXPECT_EQ(scope.counter(), 2u);
+  EXPECT_TRUE(same(sub.kernel, run<float>(init::lecun_normal(), random::flax_rng(root, {"mlp", "dense_0"}, 1), {4, 6})));
+  EXPECT_TRUE(same(sub.bias, run<float>(dc.bias_init, random::flax_rng(root, {"mlp", "dense_0"}, 2), {6})));
+  // No bias: the kernel alone draws (counter 1).
+  auto nb = dc;
+  nb.use_bias = false;
+  random::RngScope s2(root);
+  const auto nbp = linen::DenseGeneral<float, float, 1, 2>(nb).init(s2, {4});
+  EXPECT_EQ(s2.counter(), 1u);
+  EXPECT_EQ(nbp.bias.size(), 0);
+
+  linen::LayerNorm<float>::Config lc;
+  lc.scale_init = init::normal{0.1};
+  lc.bias_init = init::normal{0.2};
+  const linen::LayerNorm<float> ln(lc);
+  random::RngScope ls = random::RngScope(root).push("ln");
+  const auto lp = ln.init(ls, x);
+  EXPECT_EQ(ls.counter(), 2u);
+  EXPECT_TRUE(same(lp.scale, run<float>(lc.scale_init, random::flax_rng(root, {"ln"}, 1), {4})));
+  EXPECT_TRUE(same(lp.bias, run<float>(lc.bias_init, random::flax_rng(root, {"ln"}, 2), {4})));
+  auto no_scale = lc;
+  no_scale.use_scale = false;
+  const auto bp = linen::LayerNorm<float>(no_scale).init(root, 4);  // the bias is the first draw
+  EXPECT_TRUE(same(bp.bias, run<float>(lc.bias_init, random::flax_rng(root, {}, 1), {4})));
+  // A C++ engine makes the root key from its next two draws.
+  std::mt19937 engine(9), copy(9);
+  const auto from_engine = ln.init(engine, 4);
+  EXPECT_TRUE(same(from_engine.scale, run<float>(lc.scale_init, random::flax_rng(random::key_from_engine(copy), {}, 1), {4})));
+}
+
+// The two-key init(in_dims, kernel_key, bias_key) of earlier versions is gone: two
+// make_rng() calls in one argument list would draw in an order the compiler picks.
+template <class M, class = void>
+struct takes_two_keys : std::false_type {};
+template <class M>
+struct takes_two_keys<M, std::void_t<decltype(std::declval<const M&>().init(
+                             4, std::declval<random::Key>(), std::declval<random::Key>()))>> : std::true_type {};
+static_assert(!takes_two_keys<linen::LayerNorm<float>>::value);
+static_assert(!takes_two_keys<linen::DenseGeneral<float>>::value);
 
 // ---------------------------------------------------------------- fans
 

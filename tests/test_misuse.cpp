@@ -390,6 +390,58 @@ TEST_F(MisuseDecode, InitCacheArguments) {
                                             {"SelfAttention: decode=true needs variables.cache (make it with init)"}));
 }
 
+// Sizes past what the machine can address are refused before anything is allocated, with
+// linen::overflow_error (a std::overflow_error) naming the shape, never std::bad_alloc.
+TEST_F(MisuseDecode, OverflowingSizesThrowOverflowErrorNotBadAlloc) {
+  const linen::SelfAttention<float> m(cfg_);
+  const auto params = m.init(linen::random::key(0), x_).params;
+  const Index huge = Index{1} << 40;
+  EXPECT_TRUE(throws<linen::overflow_error>([&] { (void)m.init_cache(params, {huge}, huge); },
+                                            {"SelfAttention: cache", "overflows"}));
+  EXPECT_TRUE(throws<std::overflow_error>([&] { (void)m.init_cache(params, {huge, huge}, 4); },
+                                          {"SelfAttention: cache", "(1099511627776, 1099511627776, 4, 2, 4)"}));
+  // A count that fits an Index but whose bytes do not.
+  EXPECT_TRUE(throws<linen::overflow_error>([&] { (void)m.init_cache(params, {Index{1} << 30}, Index{1} << 29); },
+                                            {"SelfAttention: cache", "bytes"}));
+  // init: a kernel [in, heads, qkv_features / heads] past the addressable.
+  auto wide = cfg_;
+  wide.decode = false;
+  wide.qkv_features = Index{1} << 62;
+  EXPECT_TRUE(throws<linen::overflow_error>([&] { (void)linen::SelfAttention<float>(wide).init(linen::random::key(0), x_); },
+                                            {"DenseGeneral: kernel", "(8, 2, 2305843009213693952)"}));
+  // init with decode: the cache [batch..., length, heads, head_dim] is checked first.
+  const Tensor<float, 3> long_x(1, 1, 8);
+  auto tall = cfg_;
+  tall.qkv_features = Index{1} << 61;
+  EXPECT_TRUE(throws<linen::overflow_error>([&] { (void)linen::SelfAttention<float>(tall).init(linen::random::key(0), long_x); },
+                                            {"SelfAttention: cache"}));
+  linen::LayerNorm<float> ln;
+  EXPECT_TRUE(throws<linen::overflow_error>([&] { (void)ln.init(linen::random::key(0), Index{1} << 62); },
+                                            {"LayerNorm: scale", "bytes"}));
+}
+
+// cache.batch must multiply to cached_key's first dim: the error says so (not Flax's
+// query-shape message, whose two shapes would read the same).
+TEST_F(MisuseDecode, CacheBatchAgainstTheCacheTensorNamesBoth) {
+  const linen::SelfAttention<float> m(cfg_);
+  const auto params = m.init(linen::random::key(0), x_).params;
+  auto cache = m.init_cache(params, {2}, 4);
+  cache.cached_key.resize(3, 4, 2, 4);
+  cache.cached_value.resize(3, 4, 2, 4);
+  cache.cached_key.setZero();
+  cache.cached_value.setZero();
+  const CacheBytes before = bytes_of(cache);
+  EXPECT_TRUE(throws<std::invalid_argument>([&] { (void)m.apply(params, cache, step(0)); },
+                                            {"SelfAttention: cache.batch (2,) holds 2 sequences, but cached_key has shape "
+                                             "(3, 4, 2, 4)"}));
+  EXPECT_TRUE(bytes_of(cache) == before);
+  linen::DecodeWorkspace<float> ws;
+  Tensor<float, 3> out(2, 1, 8);
+  EXPECT_TRUE(throws<std::invalid_argument>([&] { m.decode_step(params, cache, step(0), out, ws); },
+                                            {"cache.batch (2,) holds 2 sequences", "(3, 4, 2, 4)"}));
+  EXPECT_TRUE(bytes_of(cache) == before);
+}
+
 TEST_F(MisuseDecode, OverflowThrowsCacheOverflowAndLeavesTheCacheUnchanged) {
   const linen::SelfAttention<float> m(cfg_);
   const auto params = m.init(linen::random::key(0), x_).params;

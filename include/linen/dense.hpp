@@ -16,6 +16,7 @@
 #include "detail/broadcast.hpp"
 #include "errors.hpp"
 #include "initializers.hpp"
+#include "module.hpp"
 #include "precision.hpp"
 #include "random.hpp"
 #include "tensor.hpp"
@@ -70,34 +71,26 @@ class DenseGeneral {
   }
   const Config& config() const { return config_; }
 
-  // Makes the parameters as Flax's init does: the kernel initializer sees the flattened
-  // 2-D shape (prod(in_dims), prod(features)) (so fan_in = prod(in_dims)), the bias
-  // initializer (prod(features),); both are then reshaped.
-  //   in_dims: the trailing `Axes` dims of the input.
-  Params init(const std::array<Index, Axes>& in_dims, random::Key kernel_key, random::Key bias_key) const {
-    Params p;
-    std::array<Index, Axes + Features> kdims{};
-    Index in = 1, out = 1;
-    for (int i = 0; i < Axes; ++i) {
-      if (in_dims[i] <= 0)
-        throw linen::invalid_argument("DenseGeneral: input feature dims must be positive, got " +
-                                    to_string(Shape(in_dims.begin(), in_dims.end())));
-      kdims[i] = in_dims[i];
-      in *= in_dims[i];
-    }
-    for (int i = 0; i < Features; ++i) {
-      kdims[Axes + i] = config_.features[i];
-      out *= config_.features[i];
-    }
-    p.kernel.resize(kdims);
-    if (!config_.kernel_init) throw linen::invalid_argument("DenseGeneral: kernel_init is empty");
-    config_.kernel_init(kernel_key, Shape{in, out}, p.kernel.data());
-    if (config_.use_bias) {
-      if (!config_.bias_init) throw linen::invalid_argument("DenseGeneral: bias_init is empty");
-      p.bias.resize(config_.features);
-      config_.bias_init(bias_key, Shape{out}, p.bias.data());
-    }
-    return p;
+  // init(rng, inputs) / init(rng, in_dims): the parameters Flax's Module.init makes
+  // (`kernel`, then `bias`: the scope's draws 1 and 2). `rng`: a linen::random::Key (a
+  // top-level module), or the RngScope of this submodule (see module.hpp).
+  //   inputs: [batch..., in_dims...]; in_dims: the trailing `Axes` dims of the input.
+  // The kernel initializer sees the flattened 2-D shape (prod(in_dims), prod(features))
+  // (so fan_in = prod(in_dims)), the bias initializer (prod(features),); both are then
+  // reshaped. A kernel too large to address throws linen::overflow_error.
+  template <class Rng>
+  Params init(Rng&& rng, const std::array<Index, Axes>& in_dims) const {
+    detail::InitScope scope(rng);
+    return init_params(scope.get(), in_dims);
+  }
+  template <class Rng, class X, std::enable_if_t<detail::is_tensor_v<X>, int> = 0>
+  Params init(Rng&& rng, const X& inputs) const {
+    constexpr int N = detail::tensor_traits<X>::rank;
+    static_assert(N >= Axes, "linen: DenseGeneral input rank is below its contracted axes");
+    std::array<Index, Axes> in_dims{};
+    for (int i = 0; i < Axes; ++i) in_dims[i] = inputs.dimension(N - Axes + i);
+    detail::InitScope scope(rng);
+    return init_params(scope.get(), in_dims);
   }
 
   // y = x . kernel + bias, with Flax's promotion (x, kernel, bias cast to T; products
@@ -196,6 +189,31 @@ class DenseGeneral {
   }
 
  private:
+  Params init_params(random::RngScope& scope, const std::array<Index, Axes>& in_dims) const {
+    Params p;
+    Shape kshape;
+    Index in = 1, out = 1;
+    for (int i = 0; i < Axes; ++i) {
+      if (in_dims[i] <= 0)
+        throw linen::invalid_argument("DenseGeneral: input feature dims must be positive, got " +
+                                      to_string(Shape(in_dims.begin(), in_dims.end())));
+      kshape.push_back(in_dims[i]);
+    }
+    kshape.insert(kshape.end(), config_.features.begin(), config_.features.end());
+    detail::checked_size<ParamT>(kshape, "DenseGeneral: kernel");
+    for (int i = 0; i < Axes; ++i) in *= in_dims[i];
+    for (int i = 0; i < Features; ++i) out *= config_.features[i];
+    if (!config_.kernel_init) throw linen::invalid_argument("DenseGeneral: kernel_init is empty");
+    if (config_.use_bias && !config_.bias_init) throw linen::invalid_argument("DenseGeneral: bias_init is empty");
+    p.kernel.resize(to_dims<Axes + Features>(kshape));
+    config_.kernel_init(scope.make_rng(), Shape{in, out}, p.kernel.data());
+    if (config_.use_bias) {
+      p.bias.resize(config_.features);
+      config_.bias_init(scope.make_rng(), Shape{out}, p.bias.data());
+    }
+    return p;
+  }
+
   Config config_{};
 };
 

@@ -11,18 +11,19 @@
 //       the same `vjp` for DenseGeneral and LayerNorm.
 //
 // Design: a tape for the cheap activations, recomputation for the weights. The module vjp
-// runs the forward once and keeps what is O(batch x length x features), i.e. no more than
-// the forward allocated anyway: the inputs, the projected q, k, v (and q, k before
-// normalize_qk's LayerNorm), the attention output, a copy of the mask, the dropout keep
-// mask it actually drew, and for the fused kernels two numbers per query row (the
-// softmax's row max and denominator: the log-sum-exp in two parts). It does not keep the
-// batch x heads x q_length x kv_length attention weights: the backward recomputes them,
-// per head (reference) or per tile (fused), at the price of one extra q.k^T product —
-// FlashAttention's trade of a little compute for O(L) memory. Recomputing everything
-// instead would redo the four projections and need the dropout source a second time; with
-// the keep mask on the tape any source works, a C++ engine included: the mask is drawn
-// exactly once, in the forward. dot_product_attention_vjp has no parameters to hold on
-// to, so it runs its forward and backward in one call.
+// runs the module's own forward (MultiHeadDotProductAttention's apply: the same checks,
+// configuration and kernels, so the output is apply's bit for bit) with a tape
+// (detail/attention_tape.hpp) that keeps what is O(batch x length x features), i.e. no
+// more than the forward allocated anyway: the inputs, the projected q, k, v (and q, k
+// before normalize_qk's LayerNorm), the attention output, the mask it attended with and
+// the dropout keep mask it actually drew. It does not keep the batch x heads x q_length x
+// kv_length attention weights: the backward recomputes them, per head (reference) or per
+// tile (fused, from two numbers per query row, the softmax's row max and denominator, which
+// the pullback computes first from the tape's q and k: the forward kernel that made the
+// output does not export them) — FlashAttention's trade of a little compute for O(L)
+// memory. With the keep mask on the tape any dropout source works, a C++ engine included:
+// the mask is drawn exactly once, in the forward. dot_product_attention_vjp has no
+// parameters to hold on to, so it runs its forward and backward in one call.
 //
 // Decode mode (the autoregressive cache) is inference only: vjp throws for decode=true.
 //
@@ -51,6 +52,7 @@
 #include "attention.hpp"
 #include "config.hpp"
 #include "dense.hpp"
+#include "detail/attention_tape.hpp"
 #include "detail/broadcast.hpp"
 #include "detail/grad_attention.hpp"
 #include "detail/grad_layers.hpp"
@@ -441,47 +443,27 @@ struct AttentionGrads {
 
 namespace detail {
 
-// The tape of one attention module forward (see the top of this file).
-template <class T, class ParamT, class I, int N>
-struct AttentionTape {
-  using C = accum_t<T>;
-  std::string name;                       // "SelfAttention" or "MultiHeadDotProductAttention"
-  const AttentionParams<ParamT>* params = nullptr;
-  bool use_bias = true, normalize_qk = false;
-  int inputs = 1;                         // 1: k = v = q; 2: v = k; 3: q, k, v distinct
-  AttentionDims d;                        // batch, B, Lq, Lk, H, D = Dv = head_dim
-  Index fq = 0, fk = 0, fv = 0, fo = 0;   // feature sizes
-  Shape xs_q, xs_k, xs_v, ys;             // input and output shapes
-  Tensor<T, 2> xq, xk, xv;                // inputs as the projections read them (cast to T), [B * L, F]
-  Tensor<T, 4> q_pre, k_pre;              // projections before normalize_qk's LayerNorm
-  Tensor<T, 4> q, k, v;                   // what attention saw, [B, L, heads, head_dim]
-  Tensor<T, 4> x;                         // the attention output [B, Lq, heads, head_dim]
-  std::vector<C> x_acc;                   // fused, half types: x unrounded
-  std::vector<C> row_max, row_sum;        // fused: softmax statistics [B, heads, Lq]
-  Tensor<bool, 1> mask;                   // a copy of the caller's mask
-  Shape mask_shape;
-  bool has_mask = false;
-  Tensor<bool, 1> keep;                   // the dropout keep mask drawn by the forward
-  Shape keep_shape;
-  bool dropout = false, broadcast_dropout = true, fp32_softmax = false;
-  double dropout_rate = 0.0;
-  bool fused = true;                      // which kernels (GradOptions::implementation resolved)
-  GradOptions options;
-
-  AttentionCore<T> core() const {
-    AttentionCore<T> c;
-    c.d = d;
-    c.query = q.data();
-    c.key = k.data();
-    c.value = v.data();
-    if (has_mask) c.mask = ArrayRef<bool>(mask.data(), mask_shape);
-    c.keep = dropout ? keep.data() : nullptr;
-    c.broadcast_dropout = broadcast_dropout;
-    c.dropout_rate = dropout_rate;
-    c.fp32_softmax = fp32_softmax;
-    return c;
-  }
-};
+// The attention problem of a module's tape, as the gradient kernels see it (batch
+// flattened; the mask is the one the forward attended with, at rank 4).
+template <class T>
+AttentionCore<T> tape_core(const AttentionTape<T>& t) {
+  AttentionCore<T> c;
+  c.d.batch = {t.B};
+  c.d.B = t.B;
+  c.d.Lq = t.Lq;
+  c.d.Lk = t.Lk;
+  c.d.H = t.H;
+  c.d.D = c.d.Dv = t.head_dim;
+  c.query = t.q.data();
+  c.key = t.k.data();
+  c.value = t.v.data();
+  if (t.mask.size() > 0) c.mask = ArrayRef<bool>(t.mask);
+  c.keep = t.keep.size() > 0 ? t.keep.data() : nullptr;
+  c.broadcast_dropout = t.broadcast_dropout;
+  c.dropout_rate = t.dropout_rate;
+  c.fp32_softmax = t.fp32_softmax;
+  return c;
+}
 
 }  // namespace detail
 
@@ -496,33 +478,38 @@ class AttentionPullback {
   Grads operator()(const G& cotangent) const {
     using C = accum_t<T>;
     const auto& t = tape_;
-    const std::string fn = t.name + " vjp";
+    const std::string fn = name_ + " vjp";
     detail::check_cotangent<G, T, N>(cotangent, t.ys, fn);
-    const AttentionParams<ParamT>& p = *t.params;
-    const detail::AttentionDims& d = t.d;
-    const Index H = d.H, dh = d.D, Mq = d.B * d.Lq, Mk = d.B * d.Lk;
-    Eigen::ThreadPoolInterface* pool = t.options.thread_pool;
+    const AttentionParams<ParamT>& p = *params_;
+    const Index H = t.H, dh = t.head_dim, Mq = t.B * t.Lq, Mk = t.B * t.Lk;
+    Eigen::ThreadPoolInterface* pool = options_.thread_pool;
     Grads g;
 
     // out: y = x . out/kernel + out/bias
     g.params.out.kernel.resize(p.out.kernel.dimensions());
     if (t.use_bias) g.params.out.bias.resize(p.out.bias.dimensions());
-    Tensor<T, 4> dx(d.B, d.Lq, H, dh);
+    Tensor<T, 4> dx(t.B, t.Lq, H, dh);
     detail::dense_backward<T, ParamT, T>(t.x.data(), Mq, H * dh, t.fo, p.out.kernel.data(), cotangent.data(),
                                          g.params.out.kernel.data(), t.use_bias ? g.params.out.bias.data() : nullptr,
                                          dx.data(), pool);
 
     // attention
-    Tensor<T, 4> dq(d.B, d.Lq, H, dh), dk(d.B, d.Lk, H, dh), dv(d.B, d.Lk, H, dh);
-    const detail::AttentionCore<T> core = t.core();
-    if (!t.fused) {
+    Tensor<T, 4> dq(t.B, t.Lq, H, dh), dk(t.B, t.Lk, H, dh), dv(t.B, t.Lk, H, dh);
+    const detail::AttentionCore<T> core = detail::tape_core(t);
+    if (!fused_) {
       detail::attention_backward_reference<T>(core, dx.data(), dq.data(), dk.data(), dv.data(), nullptr, fn);
     } else {
-      const C* out_c = nullptr;
-      if constexpr (std::is_same_v<C, T>) out_c = t.x.data();
-      else out_c = t.x_acc.data();
-      detail::attention_backward_fused<T>(core, out_c, t.row_max.data(), t.row_sum.data(), dx.data(), dq.data(),
-                                          dk.data(), dv.data(), nullptr, t.options.block_q, t.options.block_k, pool,
+      // The fused backward's row statistics (max, denominator) and unrounded output, from
+      // the gradient kernel's forward over the tape's q, k, v (dot_product_attention's
+      // forward kernel, which made the output, does not export them).
+      const Index rows = t.B * H * t.Lq;
+      std::vector<C> row_max(static_cast<std::size_t>(rows)), row_sum(static_cast<std::size_t>(rows));
+      std::vector<C> out_c(static_cast<std::size_t>(t.x.size()));
+      Tensor<T, 4> out(t.x.dimensions());
+      detail::attention_forward_fused<T>(core, out.data(), out_c.data(), row_max.data(), row_sum.data(),
+                                         options_.block_q, options_.block_k, pool, fn);
+      detail::attention_backward_fused<T>(core, out_c.data(), row_max.data(), row_sum.data(), dx.data(), dq.data(),
+                                          dk.data(), dv.data(), nullptr, options_.block_q, options_.block_k, pool,
                                           fn);
     }
 
@@ -581,203 +568,66 @@ class AttentionPullback {
   }
 
   // Internal: made by vjp().
-  explicit AttentionPullback(detail::AttentionTape<T, ParamT, I, N> tape) : tape_(std::move(tape)) {}
+  AttentionPullback(std::string name, const AttentionParams<ParamT>* params, const GradOptions& options, bool fused,
+                    detail::AttentionTape<T> tape)
+      : name_(std::move(name)), params_(params), options_(options), fused_(fused), tape_(std::move(tape)) {}
 
  private:
-  detail::AttentionTape<T, ParamT, I, N> tape_;
+  std::string name_;  // "SelfAttention" or "MultiHeadDotProductAttention"
+  const AttentionParams<ParamT>* params_;
+  GradOptions options_;
+  bool fused_;  // which backward kernels (GradOptions::implementation resolved)
+  detail::AttentionTape<T> tape_;
 };
 
 namespace detail {
 
-template <class XQ, class XK, class XV>
-void check_attention_inputs() {
-  static_assert(is_tensor_v<XQ> && is_tensor_v<XK> && is_tensor_v<XV>,
-                "linen: attention inputs must be linen::Tensor<T, N> (or maps of one)");
-  constexpr int N = tensor_traits<XQ>::rank;
-  static_assert(N >= 2, "linen: attention inputs are [batch..., length, features]");
-  static_assert(N == tensor_traits<XK>::rank && N == tensor_traits<XV>::rank,
-                "linen: inputs_q, inputs_k and inputs_v must have the same rank");
-  static_assert(std::is_same_v<typename tensor_traits<XQ>::scalar, typename tensor_traits<XK>::scalar> &&
-                    std::is_same_v<typename tensor_traits<XQ>::scalar, typename tensor_traits<XV>::scalar>,
-                "linen: vjp needs inputs_q, inputs_k and inputs_v of one element type");
-}
+// The module's forward with a tape (attention.hpp's apply, the same code).
+struct AttentionAccess {
+  template <class T, class ParamT, class XQ, class XK, class XV>
+  static Tensor<T, tensor_traits<XQ>::rank> forward(const MultiHeadDotProductAttention<T, ParamT>& module,
+                                                    const AttentionParams<ParamT>& params, const XQ& inputs_q,
+                                                    const XK& inputs_k, const XV& inputs_v, const CallOptions<T>& call,
+                                                    AttentionTape<T>& tape) {
+    return module.apply_impl(params, nullptr, inputs_q, inputs_k, inputs_v, call, &tape);
+  }
+  template <class T, class ParamT>
+  static std::string name(const MultiHeadDotProductAttention<T, ParamT>& module) {
+    return module.name();
+  }
+};
 
-template <int R, class P>
-void check_param(const Tensor<P, R>& t, const Shape& expected, const std::string& module, const char* path) {
-  if (shape_of(t) != expected)
-    throw linen::invalid_argument(module + ": " + path + " has shape " + to_string(shape_of(t)) + ", expected " +
-                                to_string(expected));
-}
-
-// The forward of MultiHeadDotProductAttention (Flax's __call__ without decode) that also
-// fills a tape. `inputs`: how many distinct inputs the caller passed (1, 2 or 3).
+// vjp of MultiHeadDotProductAttention: what only a vjp checks (its options, and that the
+// module is differentiable here), then the module's own forward with a tape. `inputs`:
+// how many distinct inputs the caller passed (1, 2 or 3).
 template <class T, class ParamT, class XQ, class XK, class XV>
 Vjp<Tensor<T, tensor_traits<XQ>::rank>,
     AttentionPullback<T, ParamT, typename tensor_traits<XQ>::scalar, tensor_traits<XQ>::rank>>
-attention_module_vjp(const MultiHeadDotProductAttention<T, ParamT>& module, const std::string& name,
-                     const AttentionParams<ParamT>& params, const XQ& inputs_q, const XK& inputs_k, const XV& inputs_v,
-                     int inputs, const CallOptions<T>& call, const GradOptions& options) {
-  check_attention_inputs<XQ, XK, XV>();
+attention_module_vjp(const MultiHeadDotProductAttention<T, ParamT>& module, const AttentionParams<ParamT>& params,
+                     const XQ& inputs_q, const XK& inputs_k, const XV& inputs_v, int inputs, const CallOptions<T>& call,
+                     const GradOptions& options) {
+  static_assert(std::is_same_v<typename tensor_traits<XQ>::scalar, typename tensor_traits<XK>::scalar> &&
+                    std::is_same_v<typename tensor_traits<XQ>::scalar, typename tensor_traits<XV>::scalar>,
+                "linen: vjp needs inputs_q, inputs_k and inputs_v of one element type");
   using I = typename tensor_traits<XQ>::scalar;
   constexpr int N = tensor_traits<XQ>::rank;
-  using C = accum_t<T>;
   const auto& cfg = module.config();
+  const std::string name = AttentionAccess::name(module);
   check_grad_options(options, name);
   if (cfg.decode)
     throw linen::invalid_argument(name + ": vjp does not differentiate decode=true (the cache is for inference); "
-                                "train the module with decode=false and a causal mask");
+                                  "train the module with decode=false and a causal mask");
   if (cfg.attention_fn.template target<DotProductAttention>() == nullptr)
     throw linen::invalid_argument(name + ": vjp differentiates the default attention_fn (linen::dot_product_attention) "
-                                "only; this module's attention_fn is another callable");
-
-  AttentionTape<T, ParamT, I, N> t;
-  t.name = name;
-  t.params = &params;
-  t.use_bias = cfg.use_bias;
-  t.normalize_qk = cfg.normalize_qk;
-  t.inputs = inputs;
-  t.options = options;
-  t.xs_q = shape_of(inputs_q);
-  t.xs_k = shape_of(inputs_k);
-  t.xs_v = shape_of(inputs_v);
-  const Shape &qs = t.xs_q, &ks = t.xs_k, &vs = t.xs_v;
-  if (!std::equal(qs.begin(), qs.end() - 2, ks.begin()) || !std::equal(qs.begin(), qs.end() - 2, vs.begin()))
-    throw linen::invalid_argument(name + ": inputs must share their batch dims [batch..., length, features]; inputs_q " +
-                                to_string(qs) + ", inputs_k " + to_string(ks) + ", inputs_v " + to_string(vs));
-  if (ks[ks.size() - 2] != vs[vs.size() - 2])
-    throw linen::invalid_argument(name + ": inputs_k and inputs_v lengths differ: " + to_string(ks) + " vs " +
-                                to_string(vs));
-  for (const Shape* s : {&qs, &ks, &vs})
-    if (s->back() <= 0)
-      throw linen::invalid_argument(name + ": input features must be positive, got shape " + to_string(*s));
-
-  const Index H = cfg.num_heads;
-  t.fq = qs.back();
-  t.fk = ks.back();
-  t.fv = vs.back();
-  const Index dh = module.head_dim(t.fq);
-  t.fo = module.out_features(t.fq);
-  AttentionDims& d = t.d;
-  d.batch.assign(qs.begin(), qs.end() - 2);
-  d.B = num_elements(d.batch);
-  d.Lq = qs[qs.size() - 2];
-  d.Lk = ks[ks.size() - 2];
-  d.H = H;
-  d.D = d.Dv = dh;
-  t.ys = d.batch;
-  t.ys.insert(t.ys.end(), {d.Lq, t.fo});
-
-  check_param(params.query.kernel, {t.fq, H, dh}, name, "query/kernel");
-  check_param(params.key.kernel, {t.fk, H, dh}, name, "key/kernel");
-  check_param(params.value.kernel, {t.fv, H, dh}, name, "value/kernel");
-  check_param(params.out.kernel, {H, dh, t.fo}, name, "out/kernel");
-  if (cfg.use_bias) {
-    check_param(params.query.bias, {H, dh}, name, "query/bias");
-    check_param(params.key.bias, {H, dh}, name, "key/bias");
-    check_param(params.value.bias, {H, dh}, name, "value/bias");
-    check_param(params.out.bias, {t.fo}, name, "out/bias");
-  }
-  if (cfg.normalize_qk) {
-    check_param(params.query_ln.scale, {dh}, name, "query_ln/scale");
-    check_param(params.key_ln.scale, {dh}, name, "key_ln/scale");
-  }
-
-  // Flax: deterministic matters (and must be given once) only when dropout_rate > 0.
-  bool deterministic = true;
-  if (cfg.dropout_rate > 0.0) {
-    if (cfg.deterministic && call.deterministic)
-      throw linen::invalid_argument(name + ": Parameter \"deterministic\" was passed to the constructor and at call time. Should be passed just once.");
-    if (!cfg.deterministic && !call.deterministic)
-      throw linen::invalid_argument(name + ": Parameter \"deterministic\" must be passed to the constructor or at call time.");
-    deterministic = cfg.deterministic ? *cfg.deterministic : *call.deterministic;
-    if (!deterministic && !call.dropout_rng)
-      throw linen::invalid_argument(name + ": dropout_rate=" + std::to_string(cfg.dropout_rate) +
-                                  " with deterministic=false needs a dropout_rng");
-  }
-  if (call.mask) {
-    broadcast_strides(call.mask.shape(), d.weights_shape(), name + ": mask");
-    t.has_mask = true;
-    t.mask_shape = call.mask.shape();
-    t.mask.resize(num_elements(t.mask_shape));
-    std::copy(call.mask.data(), call.mask.data() + t.mask.size(), t.mask.data());
-  }
+                                  "only; this module's attention_fn is another callable");
   const bool fused = use_fused(options.implementation, static_cast<bool>(call.sow_weights));
   if (fused && call.sow_weights)
     throw linen::invalid_argument(name + ": implementation=Fused cannot sow the attention weights; use "
-                                "Implementation::Reference (or Auto)");
-  t.fused = fused;
-
-  // Projections, exactly as the module computes them.
-  auto project = [&](const auto& x, const DenseParams<ParamT, 1, 2>& p, Index len, Tensor<T, 2>* keep_x) {
-    typename DenseGeneral<T, ParamT, 1, 2>::Config c;
-    c.features = {H, dh};
-    c.use_bias = cfg.use_bias;
-    c.precision = cfg.precision;
-    const DenseGeneral<T, ParamT, 1, 2> dense(std::move(c));
-    const Shape xs = shape_of(x);
-    Tensor<T, 4> y(d.B, len, H, dh);
-    dense.template apply_raw<I>(p, x.data(), xs, y.data());
-    if (keep_x) {
-      keep_x->resize(d.B * len, xs.back());
-      cast_into(x.data(), keep_x->size(), keep_x->data());
-    }
-    return y;
-  };
-  // The tape keeps each distinct input once.
-  t.q = project(inputs_q, params.query, d.Lq, &t.xq);
-  t.k = project(inputs_k, params.key, d.Lk, inputs >= 2 ? &t.xk : nullptr);
-  t.v = project(inputs_v, params.value, d.Lk, inputs == 3 ? &t.xv : nullptr);
-  if (cfg.normalize_qk) {
-    typename LayerNorm<T, ParamT>::Config c;
-    c.use_bias = false;  // Flax: LayerNorm(use_bias=False), epsilon 1e-6
-    const LayerNorm<T, ParamT> ln(std::move(c));
-    t.q_pre = t.q;
-    t.k_pre = t.k;
-    ln.apply_raw(params.query_ln, t.q_pre.data(), shape_of(t.q_pre), t.q.data());
-    ln.apply_raw(params.key_ln, t.k_pre.data(), shape_of(t.k_pre), t.k.data());
-  }
-
-  t.broadcast_dropout = cfg.broadcast_dropout;
-  t.dropout_rate = cfg.dropout_rate;
-  t.fp32_softmax = cfg.force_fp32_for_softmax;
-  if (!deterministic) {
-    // Flax draws the keep mask at the caller's batch rank (module's flax_shape).
-    t.dropout = true;
-    t.keep_shape = keep_shape(d, cfg.broadcast_dropout);
-    t.keep.resize(num_elements(t.keep_shape));
-    call.dropout_rng(1.0 - cfg.dropout_rate, t.keep_shape, t.keep.data());
-  }
-
-  const AttentionCore<T> core = t.core();
-  t.x.resize(d.B, d.Lq, H, dh);
-  if (!fused) {
-    AttentionOptions<T> o;
-    o.mask = core.mask;
-    o.broadcast_dropout = cfg.broadcast_dropout;
-    o.dropout_rate = cfg.dropout_rate;
-    o.deterministic = deterministic;
-    o.precision = cfg.precision;
-    o.force_fp32_for_softmax = cfg.force_fp32_for_softmax;
-    if (t.dropout) o.dropout_rng = replay_keep(t.keep.data(), t.keep_shape);
-    o.sow_weights = call.sow_weights;  // d.batch is the caller's: weights are [batch..., heads, Lq, Lk]
-    attention_reference<T>(d, core.query, core.key, core.value, o, t.x.data(), nullptr, name.c_str());
-  } else {
-    const Index rows = d.B * H * d.Lq;
-    t.row_max.resize(static_cast<std::size_t>(rows));
-    t.row_sum.resize(static_cast<std::size_t>(rows));
-    if constexpr (!std::is_same_v<C, T>) t.x_acc.resize(static_cast<std::size_t>(t.x.size()));
-    attention_forward_fused<T>(core, t.x.data(), t.x_acc.empty() ? nullptr : t.x_acc.data(), t.row_max.data(),
-                               t.row_sum.data(), options.block_q, options.block_k, options.thread_pool, name);
-  }
-
-  typename DenseGeneral<T, ParamT, 2, 1>::Config oc;
-  oc.features = {t.fo};
-  oc.use_bias = cfg.use_bias;
-  oc.precision = cfg.precision;
-  const DenseGeneral<T, ParamT, 2, 1> out_dense(std::move(oc));
-  Tensor<T, N> y(to_dims<N>(t.ys));
-  out_dense.template apply_raw<T>(params.out, t.x.data(), shape_of(t.x), y.data());
-  return {std::move(y), AttentionPullback<T, ParamT, I, N>(std::move(t))};
+                                  "Implementation::Reference (or Auto)");
+  AttentionTape<T> tape;
+  tape.inputs = inputs;
+  Tensor<T, N> y = AttentionAccess::forward(module, params, inputs_q, inputs_k, inputs_v, call, tape);
+  return {std::move(y), AttentionPullback<T, ParamT, I, N>(name, &params, options, fused, std::move(tape))};
 }
 
 }  // namespace detail
@@ -790,29 +640,27 @@ attention_module_vjp(const MultiHeadDotProductAttention<T, ParamT>& module, cons
 //   Implementation::Reference or Auto).
 // Returns {output [batch..., q_length, out_features], pullback}; pullback(cotangent) gives
 // the cotangents of every parameter and of each input passed (an input used twice, as
-// inputs_k = inputs_q, gets the sum). The dropout keep mask is drawn once, here, with the
-// shape Flax draws it at, so a linen::random::Key gives apply()'s mask. The output equals
-// apply()'s to rounding (apply runs dot_product_attention's own fused kernel).
+// inputs_k = inputs_q, gets the sum). The forward is the module's own apply (its checks,
+// its kernels), recording a tape: the output equals apply()'s bit for bit, and the dropout
+// keep mask is drawn once, there, with the shape Flax draws it at (so a linen::random::Key
+// gives apply()'s mask, and any source gives the gradients of the output returned).
 // `variables` must outlive the pullback. decode=true and a custom attention_fn throw
-// std::invalid_argument; wrong shapes throw as apply does.
+// linen::invalid_argument; wrong shapes throw as apply does.
 template <class T, class ParamT, class XQ>
 auto vjp(const MultiHeadDotProductAttention<T, ParamT>& module, const AttentionVariables<T, ParamT>& variables,
          const XQ& inputs_q, const CallOptions<T>& call = {}, const GradOptions& options = {}) {
-  return detail::attention_module_vjp(module, "MultiHeadDotProductAttention", variables.params, inputs_q, inputs_q,
-                                      inputs_q, 1, call, options);
+  return detail::attention_module_vjp(module, variables.params, inputs_q, inputs_q, inputs_q, 1, call, options);
 }
 template <class T, class ParamT, class XQ, class XK, std::enable_if_t<detail::is_tensor_v<XK>, int> = 0>
 auto vjp(const MultiHeadDotProductAttention<T, ParamT>& module, const AttentionVariables<T, ParamT>& variables,
          const XQ& inputs_q, const XK& inputs_k, const CallOptions<T>& call = {}, const GradOptions& options = {}) {
-  return detail::attention_module_vjp(module, "MultiHeadDotProductAttention", variables.params, inputs_q, inputs_k,
-                                      inputs_k, 2, call, options);
+  return detail::attention_module_vjp(module, variables.params, inputs_q, inputs_k, inputs_k, 2, call, options);
 }
 template <class T, class ParamT, class XQ, class XK, class XV, std::enable_if_t<detail::is_tensor_v<XV>, int> = 0>
 auto vjp(const MultiHeadDotProductAttention<T, ParamT>& module, const AttentionVariables<T, ParamT>& variables,
          const XQ& inputs_q, const XK& inputs_k, const XV& inputs_v, const CallOptions<T>& call = {},
          const GradOptions& options = {}) {
-  return detail::attention_module_vjp(module, "MultiHeadDotProductAttention", variables.params, inputs_q, inputs_k,
-                                      inputs_v, 3, call, options);
+  return detail::attention_module_vjp(module, variables.params, inputs_q, inputs_k, inputs_v, 3, call, options);
 }
 
 // vjp of SelfAttention::apply: inputs_q [batch..., length, features] -> {output
@@ -822,8 +670,8 @@ auto vjp(const MultiHeadDotProductAttention<T, ParamT>& module, const AttentionV
 template <class T, class ParamT, class XQ>
 auto vjp(const SelfAttention<T, ParamT>& module, const AttentionVariables<T, ParamT>& variables, const XQ& inputs_q,
          const CallOptions<T>& call = {}, const GradOptions& options = {}) {
-  return detail::attention_module_vjp(module.as_multi_head(), "SelfAttention", variables.params, inputs_q, inputs_q,
-                                      inputs_q, 1, call, options);
+  return detail::attention_module_vjp(module.as_multi_head(), variables.params, inputs_q, inputs_q, inputs_q, 1, call,
+                                      options);
 }
 
 // The pullbacks refer to variables.params: a temporary would dangle.

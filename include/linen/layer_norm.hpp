@@ -15,6 +15,7 @@
 #include "detail/broadcast.hpp"
 #include "errors.hpp"
 #include "initializers.hpp"
+#include "module.hpp"
 #include "random.hpp"
 #include "tensor.hpp"
 
@@ -51,19 +52,20 @@ class LayerNorm {
   }
   const Config& config() const { return config_; }
 
-  // Flax creates `scale` first, then `bias`, each [features].
-  Params init(Index features, random::Key scale_key, random::Key bias_key) const {
-    if (features <= 0) throw linen::invalid_argument("LayerNorm: features must be positive, got " + std::to_string(features));
-    Params p;
-    if (config_.use_scale) {
-      p.scale.resize(features);
-      config_.scale_init(scale_key, Shape{features}, p.scale.data());
-    }
-    if (config_.use_bias) {
-      p.bias.resize(features);
-      config_.bias_init(bias_key, Shape{features}, p.bias.data());
-    }
-    return p;
+  // init(rng, inputs) / init(rng, features): the parameters Flax's Module.init makes,
+  // `scale` then `bias` (each [features], each drawing the scope's next key, as Flax's
+  // self.param does). `rng`: a linen::random::Key (a top-level module) or the RngScope of
+  // this submodule (see module.hpp).   inputs: [batch..., features].
+  template <class Rng>
+  Params init(Rng&& rng, Index features) const {
+    detail::InitScope scope(rng);
+    return init_params(scope.get(), features);
+  }
+  template <class Rng, class X, std::enable_if_t<detail::is_tensor_v<X>, int> = 0>
+  Params init(Rng&& rng, const X& inputs) const {
+    static_assert(detail::tensor_traits<X>::rank >= 1, "linen: LayerNorm needs at least one dim");
+    detail::InitScope scope(rng);
+    return init_params(scope.get(), inputs.dimension(detail::tensor_traits<X>::rank - 1));
   }
 
   //   x: [batch..., features] -> [batch..., features], normalized over the last axis.
@@ -134,6 +136,23 @@ class LayerNorm {
   }
 
  private:
+  Params init_params(random::RngScope& scope, Index features) const {
+    if (features <= 0) throw linen::invalid_argument("LayerNorm: features must be positive, got " + std::to_string(features));
+    detail::checked_size<ParamT>(Shape{features}, "LayerNorm: scale");
+    Params p;
+    if (config_.use_scale) {
+      if (!config_.scale_init) throw linen::invalid_argument("LayerNorm: scale_init is empty");
+      p.scale.resize(features);
+      config_.scale_init(scope.make_rng(), Shape{features}, p.scale.data());
+    }
+    if (config_.use_bias) {
+      if (!config_.bias_init) throw linen::invalid_argument("LayerNorm: bias_init is empty");
+      p.bias.resize(features);
+      config_.bias_init(scope.make_rng(), Shape{features}, p.bias.data());
+    }
+    return p;
+  }
+
   Config config_{};
 };
 

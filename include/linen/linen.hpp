@@ -14,10 +14,12 @@
 #include "dropout_rng.hpp"
 #include "random.hpp"
 #include "initializers.hpp"
+#include "module.hpp"
 #include "mask.hpp"
 #include "dot_product_attention.hpp"
 #include "dense.hpp"
 #include "layer_norm.hpp"
+#include "decode.hpp"
 #include "attention.hpp"
 #include "grad.hpp"
 

@@ -39,8 +39,10 @@ int main() {
   (void)causal;
   const linen::DenseGeneral<float> dense;
   const linen::LayerNorm<float> norm;
-  (void)dense;
-  (void)norm;
+  linen::random::RngScope scope(linen::random::key(0));
+  (void)dense.init(scope.push("dense"), {4});
+  (void)norm.init(scope.push("norm"), 4);
+  (void)self.init(scope.push("attn"), x);
   (void)linen::random::normal<float>(linen::random::key(0), {2});
   linen::io::Variables v;
   v.set("params/x", linen::Tensor<float, 1>(2));

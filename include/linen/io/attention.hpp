@@ -48,14 +48,15 @@ Tensor<T, 4> read_flattened_cache(const Variables& vars, const std::string& path
 //   vars: a loaded checkpoint (load_safetensors, load_msgpack), flat Flax paths.
 //   module_path: where the module sits in the model ("" = the root module; e.g.
 //     "encoder/attn_0" reads params/encoder/attn_0/query/kernel, ...).
-// params are converted to ParamT and checked against the config: query/key/value kernels
-// [in, num_heads, head_dim] (qkv_features = num_heads * head_dim when set), biases
-// [num_heads, head_dim] when use_bias, out/kernel [num_heads, head_dim, out] (out =
-// out_features when set), out/bias [out], query_ln/key_ln scale [head_dim] when
-// normalize_qk. The cache (cache/<module_path>/cached_key, cached_value
-// [batch..., max_length, num_heads, head_dim], cache_index int scalar) is read when
-// present. A missing tensor or a wrong shape throws linen::io_error naming the path and
-// both shapes.
+// params are converted to ParamT and checked against the shapes the module makes
+// (AttentionParamShapes, the module's own rule) for the input widths the stored
+// query/key/value kernels [in, num_heads, head_dim] give: head_dim = qkv_features (default
+// the query's in) / num_heads, biases [num_heads, head_dim] when use_bias, out/kernel
+// [num_heads, head_dim, out] (out = out_features, default the query's in), out/bias [out],
+// query_ln/key_ln scale [head_dim] when normalize_qk. The cache
+// (cache/<module_path>/cached_key, cached_value [batch..., max_length, num_heads,
+// head_dim], cache_index int scalar) is read when present. A missing tensor or a wrong
+// shape throws linen::io_error naming the path and both shapes.
 template <class T, class ParamT>
 AttentionVariables<T, ParamT> load_attention(const Variables& vars, const AttentionConfig<T, ParamT>& config,
                                             const std::string& module_path = "") {
@@ -63,40 +64,47 @@ AttentionVariables<T, ParamT> load_attention(const Variables& vars, const Attent
   auto path = [&](const std::string& leaf) { return detail::join_path("params", module_path, leaf); };
   const Index H = config.num_heads;
   if (H <= 0) throw linen::invalid_argument("load_attention: num_heads must be positive");
+  // The input widths, from the stored kernels' first dims.
+  Index in[3] = {0, 0, 0};
+  const char* names[3] = {"query", "key", "value"};
+  for (int i = 0; i < 3; ++i) {
+    const std::string kp = path(std::string(names[i]) + "/kernel");
+    const Shape ks = vars.at(kp).shape();
+    if (ks.size() != 3 || ks[1] != H || ks[2] <= 0 || ks[0] <= 0)
+      throw io_error(kp + ": shape " + to_string(ks) + " is not [in_features, num_heads=" + std::to_string(H) +
+                     ", head_dim]");
+    in[i] = ks[0];
+  }
   const std::string qk = path("query/kernel");
   const Shape qks = vars.at(qk).shape();
-  if (qks.size() != 3 || qks[1] != H || qks[2] <= 0)
-    throw io_error(qk + ": shape " + to_string(qks) + " is not [in_features, num_heads=" + std::to_string(H) +
-                   ", head_dim]");
-  const Index dh = qks[2];
-  if (config.qkv_features && *config.qkv_features != H * dh)
-    throw io_error(qk + ": shape " + to_string(qks) + " gives qkv_features " + std::to_string(H * dh) +
-                   ", the config says " + std::to_string(*config.qkv_features));
+  const Index qkv = config.qkv_features.value_or(in[0]);
+  if (qkv != H * qks[2])
+    throw io_error(qk + ": shape " + to_string(qks) + " gives qkv_features " + std::to_string(H * qks[2]) +
+                   ", the config says " +
+                   (config.qkv_features ? std::to_string(*config.qkv_features)
+                                        : "none (qkv_features = in_features = " + std::to_string(in[0]) + ")"));
+  const AttentionParamShapes s = linen::detail::attention_param_shapes(config, in[0], in[1], in[2], "load_attention");
   auto& p = out.params;
-  auto read_dense = [&](DenseParams<ParamT, 1, 2>& d, const std::string& name) {
-    const std::string kp = path(name + "/kernel");
-    const Shape ks = vars.at(kp).shape();
-    const Index in = ks.empty() ? 0 : ks[0];
-    d.kernel = vars.template get<ParamT, 3>(kp, Shape{in, H, dh});
-    if (config.use_bias) d.bias = vars.template get<ParamT, 2>(path(name + "/bias"), Shape{H, dh});
-  };
-  read_dense(p.query, "query");
-  read_dense(p.key, "key");
-  read_dense(p.value, "value");
-  {
-    const std::string kp = path("out/kernel");
-    const Shape ks = vars.at(kp).shape();
-    const Index of = ks.size() == 3 ? ks[2] : 0;
-    if (config.out_features && ks.size() == 3 && of != *config.out_features)
-      throw io_error(kp + ": shape " + to_string(ks) + " gives out_features " + std::to_string(of) +
-                     ", the config says " + std::to_string(*config.out_features));
-    p.out.kernel = vars.template get<ParamT, 3>(kp, Shape{H, dh, of});
-    if (config.use_bias) p.out.bias = vars.template get<ParamT, 1>(path("out/bias"), Shape{of});
+  const Shape* kernels[3] = {&s.query_kernel, &s.key_kernel, &s.value_kernel};
+  DenseParams<ParamT, 1, 2>* dense[3] = {&p.query, &p.key, &p.value};
+  for (int i = 0; i < 3; ++i) {
+    dense[i]->kernel = vars.template get<ParamT, 3>(path(std::string(names[i]) + "/kernel"), *kernels[i]);
+    if (s.use_bias) dense[i]->bias = vars.template get<ParamT, 2>(path(std::string(names[i]) + "/bias"), s.qkv_bias);
   }
-  if (config.normalize_qk) {
-    p.query_ln.scale = vars.template get<ParamT, 1>(path("query_ln/scale"), Shape{dh});
-    p.key_ln.scale = vars.template get<ParamT, 1>(path("key_ln/scale"), Shape{dh});
+  const std::string ok = path("out/kernel");
+  const Shape oks = vars.at(ok).shape();
+  if (oks.size() == 3 && oks[2] != s.out_features)
+    throw io_error(ok + ": shape " + to_string(oks) + " gives out_features " + std::to_string(oks[2]) +
+                   ", the config says " +
+                   (config.out_features ? std::to_string(*config.out_features)
+                                        : "none (out_features = in_features = " + std::to_string(in[0]) + ")"));
+  p.out.kernel = vars.template get<ParamT, 3>(ok, s.out_kernel);
+  if (s.use_bias) p.out.bias = vars.template get<ParamT, 1>(path("out/bias"), s.out_bias);
+  if (s.normalize_qk) {
+    p.query_ln.scale = vars.template get<ParamT, 1>(path("query_ln/scale"), s.ln_scale);
+    p.key_ln.scale = vars.template get<ParamT, 1>(path("key_ln/scale"), s.ln_scale);
   }
+  const Index dh = s.head_dim;
   const std::string ck = detail::join_path("cache", module_path, "cached_key");
   if (vars.contains(ck)) {
     AttentionCache<T> c;

@@ -1,0 +1,189 @@
+// SPDX-License-Identifier: Apache-2.0
+// Internal: one decode step on an AttentionCache (Flax's `if self.decode:` branch).
+//   check_cache     the cache against a step's query (Flax's shape check, and linen's
+//                   own: cached_value, prod(batch));
+//   check_room      a step of n positions fits at cache_index (linen::cache_overflow);
+//   write           the step's keys and values into positions [index, index + n), and the
+//                   index advanced;
+//   SlotUndo        those positions and the index put back when a step fails later;
+//   cache_mask      Flax's combine_masks(mask, arange(max_length) <= index) for an
+//                   attention_fn that reads the whole cache;
+//   attend          the fused kernel over the cache, reading only the valid positions.
+// A step is n positions of one index shared by the batch; Flax's decode steps have n = 1.
+// (Per-sequence positions and multi-token steps extend these, not the module.)
+#ifndef LINEN_DETAIL_DECODE_CACHE_OPS_HPP
+#define LINEN_DETAIL_DECODE_CACHE_OPS_HPP
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <unsupported/Eigen/CXX11/ThreadPool>
+
+#include "../../decode.hpp"
+#include "../../dot_product_attention.hpp"  // ArrayRef, depth_scale
+#include "../../errors.hpp"
+#include "../../tensor.hpp"
+#include "../fused_attention.hpp"
+
+namespace linen {
+namespace detail {
+namespace decode {
+
+// Throws linen::invalid_argument unless `cache` serves a step whose projected query is
+// [batch..., lq, heads, head_dim]: Flax's check (the cache's [batch..., 1, heads,
+// head_dim] against the query's), then that cached_key holds prod(cache.batch) sequences
+// and cached_value has cached_key's shape.
+template <class T>
+void check_cache(const AttentionCache<T>& cache, const Shape& batch, Index lq, Index heads, Index head_dim,
+                 const std::string& name) {
+  const Shape cshape = shape_of(cache.cached_key);
+  Shape expected = cache.batch;
+  expected.insert(expected.end(), {1, cshape[2], cshape[3]});
+  Shape got = batch;
+  got.insert(got.end(), {lq, heads, head_dim});
+  if (expected != got)
+    throw linen::invalid_argument(name + ": Autoregressive cache shape error, expected query shape " +
+                                  to_string(expected) + " instead got " + to_string(got) + ".");
+  if (num_elements(cache.batch) != cshape[0])
+    throw linen::invalid_argument(name + ": cache.batch " + to_string(cache.batch) + " holds " +
+                                  std::to_string(num_elements(cache.batch)) + " sequences, but cached_key has shape " +
+                                  to_string(cshape) + " (" + std::to_string(cshape[0]) +
+                                  " sequences; its first dim is prod(batch))");
+  if (shape_of(cache.cached_value) != cshape)
+    throw linen::invalid_argument(name + ": cached_value has shape " + to_string(shape_of(cache.cached_value)) +
+                                  ", cached_key " + to_string(cshape));
+}
+
+// Throws linen::cache_overflow (the cache unchanged) unless n positions fit at the index.
+// Checked on every step: allocates nothing unless it throws.
+template <class T>
+void check_room(const AttentionCache<T>& cache, Index n, const char* name) {
+  const Index cur = cache.cache_index, L = cache.max_length();
+  if (cur < 0 || cur + n > L)
+    throw cache_overflow(std::string(name) + ": decode step at cache_index " + std::to_string(cur) +
+                         " does not fit a cache of max_length " + std::to_string(L) +
+                         " (Flax would overwrite the last slot); the cache is unchanged");
+}
+
+// Writes k and v ([B, n, H * head_dim] rows) at positions [index, index + n) and
+// advances the index by n (the caller has checked the room).
+template <class T>
+void write(AttentionCache<T>& cache, const T* k, const T* v, Index n) {
+  const Index B = cache.cached_key.dimension(0), L = cache.max_length(),
+              F = cache.cached_key.dimension(2) * cache.cached_key.dimension(3), cur = cache.cache_index;
+  LINEN_ASSERT(cur >= 0 && cur + n <= L);
+  for (Index b = 0; b < B; ++b) {
+    std::copy(k + b * n * F, k + (b + 1) * n * F, cache.cached_key.data() + (b * L + cur) * F);
+    std::copy(v + b * n * F, v + (b + 1) * n * F, cache.cached_value.data() + (b * L + cur) * F);
+  }
+  cache.cache_index = static_cast<std::int32_t>(cur + n);
+}
+
+// The n positions a step writes and the index, as they were before the step, put back on
+// destruction unless disarmed (the step failed after writing).
+template <class T>
+class SlotUndo {
+ public:
+  SlotUndo() = default;
+  SlotUndo(const SlotUndo&) = delete;
+  SlotUndo& operator=(const SlotUndo&) = delete;
+  void arm(AttentionCache<T>& cache, Index n) {
+    cache_ = &cache;
+    index_ = cache.cache_index;
+    n_ = n;
+    const Index B = cache.cached_key.dimension(0), L = cache.max_length(), F = row_size(cache);
+    for (auto [src, dst] : {std::pair{&cache.cached_key, &key_}, std::pair{&cache.cached_value, &value_}}) {
+      dst->resize(static_cast<std::size_t>(B * n * F));
+      for (Index b = 0; b < B; ++b)
+        std::copy(src->data() + (b * L + index_) * F, src->data() + (b * L + index_ + n) * F, dst->data() + b * n * F);
+    }
+  }
+  void disarm() { cache_ = nullptr; }
+  ~SlotUndo() {
+    if (!cache_) return;
+    const Index B = cache_->cached_key.dimension(0), L = cache_->max_length(), F = row_size(*cache_);
+    for (auto [src, dst] : {std::pair{&key_, &cache_->cached_key}, std::pair{&value_, &cache_->cached_value}})
+      for (Index b = 0; b < B; ++b)
+        std::copy(src->data() + b * n_ * F, src->data() + (b + 1) * n_ * F, dst->data() + (b * L + index_) * F);
+    cache_->cache_index = index_;
+  }
+
+ private:
+  static Index row_size(const AttentionCache<T>& c) { return c.cached_key.dimension(2) * c.cached_key.dimension(3); }
+  AttentionCache<T>* cache_ = nullptr;
+  std::int32_t index_ = 0;
+  Index n_ = 0;
+  std::vector<T> key_, value_;
+};
+
+// Flax's step mask over the whole cache, [B, hm, n, max_length]: the caller's mask (rank
+// 4 over the flattened batch, [B|1, hm|1, n|1, max_length|1]; empty: none) and the cache
+// positions visible to query row i, j <= first + i (first: the index the step wrote its
+// first position at).
+inline Tensor<bool, 4> cache_mask(const ArrayRef<bool>& user, Index B, Index n, Index L, Index first) {
+  const Index hm = user ? user.shape()[1] : 1;
+  Tensor<bool, 4> m(B, hm, n, L);
+  for (Index b = 0; b < B; ++b)
+    for (Index h = 0; h < hm; ++h)
+      for (Index i = 0; i < n; ++i)
+        for (Index j = 0; j < L; ++j) {
+          bool keep = j <= first + i;
+          if (user) {
+            const auto& us = user.shape();
+            const Index off = (((us[0] == 1 ? 0 : b) * us[1] + (us[1] == 1 ? 0 : h)) * us[2] + (us[2] == 1 ? 0 : i)) *
+                                  us[3] +
+                              (us[3] == 1 ? 0 : j);
+            keep = keep && user.data()[off];
+          }
+          m(b, h, i, j) = keep;
+        }
+  return m;
+}
+
+// The step's attention over the cache (already written, index advanced past the step):
+// q [B, n, H, head_dim] attends to the cache with the cache mask (positions j <= first + i,
+// first = index - n) and the caller's `mask`, into out [B, n, H, head_dim]. Positions past
+// the index are never read unless a row is masked everywhere else: then, as in Flax, it
+// averages all max_length slots.
+template <class T>
+void attend(const AttentionCache<T>& cache, const T* q, Index n, const FusedView<bool>& mask, T* out,
+            Eigen::ThreadPoolInterface* pool, RowScratch<accum_t<T>>* scratch) {
+  const Index B = cache.cached_key.dimension(0), L = cache.max_length(), H = cache.cached_key.dimension(2),
+              dh = cache.cached_key.dimension(3), F = H * dh, first = cache.cache_index - n;
+  FusedAttentionArgs<T> a;
+  a.B = B;
+  a.H = H;
+  a.Lq = n;
+  a.Lk = L;
+  a.D = a.Dv = dh;
+  a.query = q;
+  a.q_sb = n * F;
+  a.q_sl = F;
+  a.q_sh = dh;
+  a.key = cache.cached_key.data();
+  a.value = cache.cached_value.data();
+  a.k_sb = a.v_sb = L * F;
+  a.k_sl = a.v_sl = F;
+  a.k_sh = a.v_sh = dh;
+  a.out = out;
+  a.o_sb = n * F;
+  a.o_sl = F;
+  a.o_sh = dh;
+  a.query_scale = depth_scale<T>(dh);
+  a.mask = mask;
+  a.causal = true;  // Flax's arange(max_length) <= cache_index
+  a.causal_offset = first;
+  a.causal_hides_values = true;  // positions past the index are never read
+  a.pool = pool;
+  a.row_scratch = scratch;
+  fused_attention<T>(a);
+}
+
+}  // namespace decode
+}  // namespace detail
+}  // namespace linen
+
+#endif  // LINEN_DETAIL_DECODE_CACHE_OPS_HPP
