@@ -532,7 +532,7 @@ class MultiHeadDotProductAttention {
     const Shape batch(ks.begin(), ks.end() - 2);
     // The cache's size before any parameter is made (a failed init allocates nothing).
     if (config_.decode)
-      detail::checked_size<T>(cache_shape(batch, ks[ks.size() - 2], s.head_dim), name() + ": cache");
+      detail::checked_allocation<T>(cache_shape(batch, ks[ks.size() - 2], s.head_dim), name() + ": cache");
     Variables vars;
     const QKVDense qd = qkv_dense(s.head_dim);
     vars.params.query = qd.init(scope.push("query"), {qs.back()});
@@ -554,7 +554,7 @@ class MultiHeadDotProductAttention {
     return s;
   }
   Cache make_cache(const Shape& batch, Index max_length, Index head_dim) const {
-    detail::checked_size<T>(cache_shape(batch, max_length, head_dim), name() + ": cache");
+    detail::checked_allocation<T>(cache_shape(batch, max_length, head_dim), name() + ": cache");
     Cache c;
     c.batch = batch;
     const Index b = num_elements(batch);

@@ -200,7 +200,7 @@ class DenseGeneral {
       kshape.push_back(in_dims[i]);
     }
     kshape.insert(kshape.end(), config_.features.begin(), config_.features.end());
-    detail::checked_size<ParamT>(kshape, "DenseGeneral: kernel");
+    detail::checked_allocation<ParamT>(kshape, "DenseGeneral: kernel");
     for (int i = 0; i < Axes; ++i) in *= in_dims[i];
     for (int i = 0; i < Features; ++i) out *= config_.features[i];
     if (!config_.kernel_init) throw linen::invalid_argument("DenseGeneral: kernel_init is empty");

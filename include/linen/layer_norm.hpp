@@ -138,7 +138,7 @@ class LayerNorm {
  private:
   Params init_params(random::RngScope& scope, Index features) const {
     if (features <= 0) throw linen::invalid_argument("LayerNorm: features must be positive, got " + std::to_string(features));
-    detail::checked_size<ParamT>(Shape{features}, "LayerNorm: scale");
+    detail::checked_allocation<ParamT>(Shape{features}, "LayerNorm: scale");
     Params p;
     if (config_.use_scale) {
       if (!config_.scale_init) throw linen::invalid_argument("LayerNorm: scale_init is empty");

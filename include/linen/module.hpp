@@ -98,18 +98,17 @@ inline bool merge_deterministic(const std::optional<bool>& module_value, const s
 // size). Sizes that merely exceed the memory still throw std::bad_alloc from the
 // allocation itself.
 template <class T>
-Index checked_size(const Shape& shape, const std::string& what) {
-  Index n = 0;
-  try {
-    n = num_elements(shape);
-  } catch (const linen::overflow_error&) {
-    throw linen::overflow_error(what + ": element count of shape " + to_string(shape) + " overflows");
-  }
-  if (static_cast<unsigned long long>(n) > std::numeric_limits<std::size_t>::max() / sizeof(T) ||
-      static_cast<unsigned long long>(n) > static_cast<unsigned long long>(std::numeric_limits<Index>::max()) / sizeof(T))
+Index checked_allocation(const Shape& shape, const std::string& what) {
+  // One size rule (tensor.hpp's checked_element_count / checked_byte_count), worded
+  // for the module and the tensor at fault.
+  const size_check n = checked_element_count(shape);
+  if (n.fault == size_fault::negative_dimension)
+    throw linen::invalid_argument(what + ": negative dimension in shape " + to_string(shape));
+  if (!n) throw linen::overflow_error(what + ": element count of shape " + to_string(shape) + " overflows");
+  if (!checked_byte_count(n.value, static_cast<Index>(sizeof(T))))
     throw linen::overflow_error(what + ": shape " + to_string(shape) + " needs more than " +
-                                std::to_string(std::numeric_limits<std::size_t>::max()) + " bytes");
-  return n;
+                                std::to_string(std::numeric_limits<Index>::max()) + " bytes");
+  return n.value;
 }
 
 }  // namespace detail

@@ -93,7 +93,7 @@ namespace detail {
 enum class size_fault { none, negative_dimension, overflow };
 
 // A size computed without wrapping: `value` when `fault` is none.
-struct checked_size {
+struct size_check {
   Index value = 0;
   size_fault fault = size_fault::none;
   explicit operator bool() const noexcept { return fault == size_fault::none; }
@@ -102,7 +102,7 @@ struct checked_size {
 // prod(shape), or why there is none (a negative dim, or a product past Index's max).
 // The one element-count check: num_elements throws on its fault, linen::io's loaders
 // wrap it into an io_error naming the file and path.
-inline checked_size checked_element_count(const Shape& shape) noexcept {
+inline size_check checked_element_count(const Shape& shape) noexcept {
   Index n = 1;
   for (Index d : shape) {
     if (d < 0) return {0, size_fault::negative_dimension};
@@ -113,7 +113,7 @@ inline checked_size checked_element_count(const Shape& shape) noexcept {
 }
 
 // count * item_bytes (count >= 0, item_bytes > 0), or overflow.
-inline checked_size checked_byte_count(Index count, Index item_bytes) noexcept {
+inline size_check checked_byte_count(Index count, Index item_bytes) noexcept {
   if (count > std::numeric_limits<Index>::max() / item_bytes) return {0, size_fault::overflow};
   return {count * item_bytes, size_fault::none};
 }
@@ -122,7 +122,7 @@ inline checked_size checked_byte_count(Index count, Index item_bytes) noexcept {
 
 // Product of the dims; throws std::overflow_error rather than wrap.
 inline Index num_elements(const Shape& shape) {
-  const detail::checked_size n = detail::checked_element_count(shape);
+  const detail::size_check n = detail::checked_element_count(shape);
   if (n.fault == detail::size_fault::negative_dimension)
     throw linen::invalid_argument("linen: negative dimension in shape " + to_string(shape));
   if (n.fault == detail::size_fault::overflow)

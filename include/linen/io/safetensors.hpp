@@ -145,9 +145,9 @@ inline safetensors_entry parse_safetensors_entry(const std::string& key, const n
     if (!dim) throw io_error(where + ": shape " + js.dump() + " has a negative or too large dimension " + d.dump());
     shape.push_back(*dim);
   }
-  const linen::detail::checked_size count = linen::detail::checked_element_count(shape);  // dims are >= 0
+  const linen::detail::size_check count = linen::detail::checked_element_count(shape);  // dims are >= 0
   if (!count) throw io_error(where + ": element count of shape " + js.dump() + " overflows");
-  const linen::detail::checked_size bytes =
+  const linen::detail::size_check bytes =
       linen::detail::checked_byte_count(count.value, static_cast<Index>(itemsize(*dtype)));
   if (!bytes) throw io_error(where + ": byte count of shape " + js.dump() + " overflows");
   const auto nbytes = static_cast<std::uint64_t>(bytes.value);

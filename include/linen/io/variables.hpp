@@ -42,7 +42,7 @@ inline constexpr bool is_float_v = std::is_floating_point_v<T> || is_half_type_v
 // Element count of `shape` (linen::detail::checked_element_count), or io_error naming
 // `what` on a negative dim or overflow.
 inline Index checked_count(const Shape& shape, const std::string& what) {
-  const linen::detail::checked_size n = linen::detail::checked_element_count(shape);
+  const linen::detail::size_check n = linen::detail::checked_element_count(shape);
   if (n.fault == linen::detail::size_fault::negative_dimension)
     throw io_error(what + ": negative dimension in shape " + to_string(shape));
   if (n.fault == linen::detail::size_fault::overflow)
@@ -120,7 +120,7 @@ class Array {
   Array(DType dtype, Shape shape, std::vector<std::uint8_t> bytes)
       : dtype_(dtype), shape_(std::move(shape)), bytes_(std::move(bytes)) {
     size_ = detail::checked_count(shape_, std::string("array of dtype ") + numpy_name(dtype_));
-    const linen::detail::checked_size nbytes =
+    const linen::detail::size_check nbytes =
         linen::detail::checked_byte_count(size_, static_cast<Index>(itemsize(dtype_)));
     if (!nbytes)
       throw io_error("array of shape " + to_string(shape_) + " and dtype " + numpy_name(dtype_) +

@@ -385,7 +385,7 @@ class msgpack_reader {
 
   // prod(shape) (dims are non-negative here), refusing overflow.
   Index element_count(const Shape& shape, std::size_t at, const std::string& path) const {
-    const linen::detail::checked_size n = linen::detail::checked_element_count(shape);
+    const linen::detail::size_check n = linen::detail::checked_element_count(shape);
     if (!n) fail(at, path, "element count of shape " + to_string(shape) + " overflows");
     return n.value;
   }
@@ -425,7 +425,7 @@ class msgpack_reader {
 
     const msgpack_head b = head(path);
     if (b.kind != msgpack_kind::bin) fail(b.at, path, what + " data is a " + b.describe() + ", expected bin");
-    const linen::detail::checked_size nbytes =
+    const linen::detail::size_check nbytes =
         linen::detail::checked_byte_count(out.count, static_cast<Index>(itemsize(out.dtype)));
     if (!nbytes) fail(s.at, path, what + " byte count of shape " + to_string(out.shape) + " overflows");
     if (b.length != static_cast<std::uint64_t>(nbytes.value))
