@@ -192,8 +192,9 @@ void check_attention_params(const AttentionParams<ParamT>& p, const AttentionPar
                                   to_string(s.out_bias));
 }
 
-// The vjp's access to a module's forward with a tape (grad.hpp).
+// The vjp's access to a module's forward with a tape (grad.hpp); NoTape: apply's forward.
 struct AttentionAccess;
+struct NoTape {};
 
 }  // namespace detail
 
@@ -625,15 +626,18 @@ class MultiHeadDotProductAttention {
   }
 
   // The forward: Flax's __call__. Every check runs before anything is computed or
-  // written. With `tape` (the vjp's; never with a cache) it also records what the
-  // backward needs (detail/attention_tape.hpp); the output is the same either way.
-  template <class XQ, class XK, class XV>
+  // written. With a tape (Tape = detail::AttentionTape<T>: the vjp's; never with a cache)
+  // it also records what the backward needs (detail/attention_tape.hpp); the output is
+  // the same either way. Without one (apply) the recording is not even compiled.
+  template <class XQ, class XK, class XV, class Tape = detail::NoTape>
   Tensor<T, detail::signature_traits<XQ>::rank> apply_impl(const Params& params, Cache* cache, const XQ& inputs_q,
                                                        const XK& inputs_k, const XV& inputs_v,
                                                        const CallOptions<T>& call,
-                                                       detail::AttentionTape<T>* tape = nullptr) const {
+                                                       Tape* tape = nullptr) const {
     check_inputs<XQ, XK, XV>();
-    LINEN_ASSERT(!(tape && cache));
+    constexpr bool kRecord = std::is_same_v<Tape, detail::AttentionTape<T>>;
+    static_assert(kRecord || std::is_same_v<Tape, detail::NoTape>, "linen: internal: unknown tape");
+    LINEN_ASSERT(!kRecord || (tape && !cache));
     constexpr int N = detail::tensor_traits<XQ>::rank;
     const Shape qs = shape_of(inputs_q), ks = shape_of(inputs_k), vs = shape_of(inputs_v);
     check_shapes(qs, ks, vs);
@@ -663,9 +667,9 @@ class MultiHeadDotProductAttention {
     Tensor<T, 4> query = project(params.query, inputs_q, B, lq, by_row);
     Tensor<T, 4> key = project(params.key, inputs_k, B, ks[ks.size() - 2], by_row);
     Tensor<T, 4> value = project(params.value, inputs_v, B, vs[vs.size() - 2], by_row);
-    if (tape) record_inputs(*tape, s, qs, ks, vs, inputs_q, inputs_k, inputs_v);
+    if constexpr (kRecord) record_inputs(*tape, s, qs, ks, vs, inputs_q, inputs_k, inputs_v);
     if (config_.normalize_qk) {
-      if (tape) {
+      if constexpr (kRecord) {
         tape->q_pre = query;
         tape->k_pre = key;
       }
@@ -721,14 +725,18 @@ class MultiHeadDotProductAttention {
         flax_shape.insert(flax_shape.end(), {H, lq, lk});
       }
       const DropoutRng& src = call.dropout_rng;
-      opt.dropout_rng = [&src, flax_shape, tape](double p, const Shape& shape, bool* keep) {
-        const Index count = num_elements(shape);
-        src(p, count == num_elements(flax_shape) ? flax_shape : shape, keep);
-        if (tape) {
+      if constexpr (kRecord) {
+        opt.dropout_rng = [&src, flax_shape, tape](double p, const Shape& shape, bool* keep) {
+          const Index count = num_elements(shape);
+          src(p, count == num_elements(flax_shape) ? flax_shape : shape, keep);
           tape->keep.resize(count);
           std::copy(keep, keep + count, tape->keep.data());
-        }
-      };
+        };
+      } else {
+        opt.dropout_rng = [&src, flax_shape](double p, const Shape& shape, bool* keep) {
+          src(p, num_elements(shape) == num_elements(flax_shape) ? flax_shape : shape, keep);
+        };
+      }
     }
     if (call.sow_weights) {
       opt.sow_weights = [&call, &batch, H, lq, lk](ArrayRef<T> w) {
@@ -745,7 +753,7 @@ class MultiHeadDotProductAttention {
                                   to_string(want));
     undo.disarm();
     project_out(params, x.data(), B * lq, y.data(), nullptr, by_row);
-    if (tape) {
+    if constexpr (kRecord) {
       tape->ys = ys;
       if (mask) {
         const auto& ms = mask.shape();

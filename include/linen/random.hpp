@@ -394,6 +394,8 @@ inline Key flax_rng(const Key& root, const std::vector<std::string>& module_path
 //   RngScope query = root.push("query");          // the `query` submodule
 //   Key kernel_key = query.make_rng();            // its first param: the kernel
 //   Key bias_key = query.make_rng();              // then the bias
+// Every module's init takes one (module.hpp): `attn.init(root.push("encoder").push("attn"),
+// x)` initialises a submodule at that path with the keys Flax derives for it.
 class RngScope {
  public:
   explicit RngScope(const Key& root, bool fix_rng_separator = false)
