@@ -199,7 +199,10 @@ inline Checkpoint read_checkpoint(const std::string& file, const OrbaxOptions& o
   return detail::read_checkpoint_from(src, prefix, n, file);
 }
 
-inline Variables load_checkpoint(const std::string& file, const OrbaxOptions& orbax = {}) {
+inline Variables load_checkpoint(const std::string& file) { return read_checkpoint(file).variables; }
+
+// The same, with the step and item of an Orbax checkpoint chosen (see load_orbax).
+inline Variables load_checkpoint(const std::string& file, const OrbaxOptions& orbax) {
   return read_checkpoint(file, orbax).variables;
 }
 
