@@ -57,11 +57,20 @@ inline P set1(scalar_t<P> x) {
   if constexpr (is_scalar_v<P>) return x;
   else return ei::pset1<P>(x);
 }
-// a * b + c
+// a * b + c, rounded as Eigen's packets round it: once where the target has FMA (Eigen's
+// pmadd is then fused), twice elsewhere; so a scalar and a packet of the same data give
+// the same bits (the micro-GEMM family's scalar member relies on it).
 template <class P>
 inline P fmadd(const P& a, const P& b, const P& c) {
-  if constexpr (is_scalar_v<P>) return a * b + c;
-  else return ei::pmadd(a, b, c);
+  if constexpr (is_scalar_v<P>) {
+#if defined(EIGEN_VECTORIZE_FMA)
+    return std::fma(a, b, c);
+#else
+    return a * b + c;
+#endif
+  } else {
+    return ei::pmadd(a, b, c);
+  }
 }
 template <class P>
 inline P add(const P& a, const P& b) {
