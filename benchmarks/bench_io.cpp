@@ -3,6 +3,8 @@
 // Loading a 256 MiB checkpoint (16 float32 kernels of 16 MiB), one row per format:
 //   BM_load_checkpoint/safetensors   load_safetensors
 //   BM_load_checkpoint/msgpack       load_msgpack (flax.serialization.to_bytes)
+//   BM_load_checkpoint/orbax         load_orbax (StandardCheckpointer: OCDBT + zarr v2 + zstd;
+//                                    without libzstd the row reports the error and skips)
 // The file is written once into a temporary directory, outside the timed loop, and
 // read from the page cache (warm), so the rate is the loader's, not the disk's.
 // Counters: bytes_per_second (tensor bytes loaded), and, measured around one load
@@ -27,6 +29,7 @@
 #include <benchmark/benchmark.h>
 
 #include <linen/io/msgpack.hpp>
+#include <linen/io/orbax.hpp>
 #include <linen/io/safetensors.hpp>
 
 namespace {
@@ -58,7 +61,13 @@ struct BenchFiles {
     }
     linen::io::save_safetensors((dir / "c.safetensors").string(), v);
     linen::io::save_msgpack((dir / "c.msgpack").string(), v);
+    try {
+      linen::io::save_orbax((dir / "c.orbax").string(), v);
+    } catch (const linen::io_error& e) {
+      orbax_error = e.what();  // built without libzstd
+    }
   }
+  std::string orbax_error;
   ~BenchFiles() {
     std::error_code ec;
     fs::remove_all(dir, ec);
@@ -123,7 +132,16 @@ void BM_load_checkpoint_msgpack(benchmark::State& state) {
   run_load(state, "c.msgpack", [](const std::string& p) { return linen::io::load_msgpack(p); });
 }
 
+void BM_load_checkpoint_orbax(benchmark::State& state) {
+  if (!files().orbax_error.empty()) {
+    state.SkipWithError(files().orbax_error.c_str());
+    return;
+  }
+  run_load(state, "c.orbax", [](const std::string& p) { return linen::io::load_orbax(p); });
+}
+
 BENCHMARK(BM_load_checkpoint_safetensors)->Name("BM_load_checkpoint/safetensors")->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_load_checkpoint_msgpack)->Name("BM_load_checkpoint/msgpack")->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_load_checkpoint_orbax)->Name("BM_load_checkpoint/orbax")->Unit(benchmark::kMillisecond);
 
 }  // namespace
