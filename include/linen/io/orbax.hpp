@@ -197,6 +197,20 @@ struct OrbaxLeaf {
   std::string param_name;
 };
 
+// The keys of a '/'-joined Flax path ("params/query/kernel" -> params, query, kernel;
+// empty keys kept, so that every path maps to one key list and back).
+inline std::vector<std::string> flax_path_keys(const std::string& path) {
+  std::vector<std::string> keys;
+  std::size_t i = 0;
+  while (true) {
+    const std::size_t j = path.find('/', i);
+    keys.push_back(path.substr(i, j == std::string::npos ? std::string::npos : j - i));
+    if (j == std::string::npos) break;
+    i = j + 1;
+  }
+  return keys;
+}
+
 inline std::string orbax_param_name(const std::vector<std::string>& keys) {
   std::string s;
   for (const auto& k : keys) s += (s.empty() ? "" : ".") + k;
@@ -542,14 +556,7 @@ inline void save_orbax(const std::string& dir, const Variables& v, const OrbaxSa
   }
   std::map<std::string, std::string> names;  // param name -> Flax path
   for (const auto& [path, a] : v) {
-    std::vector<std::string> keys;
-    std::size_t i = 0;
-    while (true) {
-      const std::size_t j = path.find('/', i);
-      keys.push_back(path.substr(i, j == std::string::npos ? std::string::npos : j - i));
-      if (j == std::string::npos) break;
-      i = j + 1;
-    }
+    const std::vector<std::string> keys = detail::flax_path_keys(path);
     const std::string param = detail::orbax_param_name(keys);
     auto [it, fresh] = names.emplace(param, path);
     if (!fresh)
@@ -566,14 +573,7 @@ inline void save_orbax(const std::string& dir, const Variables& v, const OrbaxSa
     nlohmann::json array_metas = nlohmann::json::array();
     for (const auto& [param, path] : names) {
       const Array& a = v.at(path);
-      std::vector<std::string> keys;
-      std::size_t i = 0;
-      while (true) {
-        const std::size_t j = path.find('/', i);
-        keys.push_back(path.substr(i, j == std::string::npos ? std::string::npos : j - i));
-        if (j == std::string::npos) break;
-        i = j + 1;
-      }
+      const std::vector<std::string> keys = detail::flax_path_keys(path);
       detail::ZarrArray z;
       z.dtype = a.dtype();
       z.shape = a.shape();
