@@ -2,7 +2,8 @@
 //
 // linen: Flax's attention layers for C++, on Eigen tensors.
 // The umbrella header: includes the public headers in dependency order, nothing else.
-// The file loaders (linen/io/...) need nlohmann_json and are included separately.
+// The file loaders (linen/io/...) are included separately: safetensors needs nlohmann_json,
+// Orbax libzstd, Flax msgpack nothing more (the linen::io target links what was found).
 #ifndef LINEN_LINEN_HPP
 #define LINEN_LINEN_HPP
 
