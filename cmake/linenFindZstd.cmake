@@ -51,3 +51,7 @@ if(PKG_CONFIG_FOUND)
 endif()
 
 set(LINEN_ZSTD_NOTE "no (libzstd not found: linen::io reads and writes no Orbax checkpoints)")
+if(LINEN_REQUIRE_IO)
+  message(FATAL_ERROR "linen: LINEN_REQUIRE_IO is ON but libzstd (CMake package zstd or pkg-config libzstd) "
+                      "is not found; install it or set LINEN_USE_ZSTD=OFF")
+endif()

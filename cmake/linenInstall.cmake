@@ -5,10 +5,13 @@
 #   <prefix>/share/cmake/linen/linenConfigVersion.cmake
 #   <prefix>/share/cmake/linen/linenTargets.cmake    linen::linen
 #   <prefix>/share/cmake/linen/linenIoTargets.cmake  linen::io (if built with nlohmann_json)
+#   <prefix>/share/pkgconfig/linen.pc                pkg-config --cflags linen
+#   <prefix>/share/pkgconfig/linen-io.pc             pkg-config --cflags --libs linen-io
 #   <prefix>/share/doc/linen/LICENSE
 #
-# linen is header-only and the same on every architecture, so the package goes
-# under the data directory and its version file is ARCH_INDEPENDENT.
+# linen is header-only and the same on every architecture, so the package (and the
+# pkg-config files) go under the data directory and its version file is
+# ARCH_INDEPENDENT.
 include(CMakePackageConfigHelpers)
 
 set(LINEN_INSTALL_CMAKEDIR "${CMAKE_INSTALL_DATADIR}/cmake/linen"
@@ -50,3 +53,33 @@ write_basic_package_version_file(
 install(FILES "${PROJECT_BINARY_DIR}/linenConfig.cmake"
               "${PROJECT_BINARY_DIR}/linenConfigVersion.cmake"
         DESTINATION "${LINEN_INSTALL_CMAKEDIR}")
+
+# ---- pkg-config ------------------------------------------------------------
+# Relocatable files: the prefix is computed from ${pcfiledir}, so an install tree
+# that is moved (or unpacked elsewhere by a package manager) still works.
+set(LINEN_INSTALL_PKGCONFIGDIR "${CMAKE_INSTALL_DATADIR}/pkgconfig"
+    CACHE STRING "Where linen's pkg-config files are installed, relative to the prefix")
+mark_as_advanced(LINEN_INSTALL_PKGCONFIGDIR)
+if(IS_ABSOLUTE "${LINEN_INSTALL_PKGCONFIGDIR}" OR IS_ABSOLUTE "${CMAKE_INSTALL_INCLUDEDIR}")
+  # Absolute directories: the files name them as they are (not relocatable).
+  set(LINEN_PC_PREFIX "${CMAKE_INSTALL_PREFIX}")
+  set(LINEN_PC_INCLUDEDIR "${CMAKE_INSTALL_FULL_INCLUDEDIR}")
+else()
+  file(RELATIVE_PATH _linen_pc_up "/prefix/${LINEN_INSTALL_PKGCONFIGDIR}" "/prefix")
+  string(REGEX REPLACE "/$" "" _linen_pc_up "${_linen_pc_up}")
+  set(LINEN_PC_PREFIX "\${pcfiledir}/${_linen_pc_up}")
+  set(LINEN_PC_INCLUDEDIR "\${prefix}/${CMAKE_INSTALL_INCLUDEDIR}")
+  unset(_linen_pc_up)
+endif()
+configure_file("${PROJECT_SOURCE_DIR}/cmake/linen.pc.in" "${PROJECT_BINARY_DIR}/pkgconfig/linen.pc" @ONLY)
+install(FILES "${PROJECT_BINARY_DIR}/pkgconfig/linen.pc" DESTINATION "${LINEN_INSTALL_PKGCONFIGDIR}")
+if(LINEN_IO_HAS_JSON)
+  set(LINEN_PC_IO_REQUIRES "")
+  set(LINEN_PC_IO_CFLAGS "")
+  if(LINEN_ZSTD_TARGET)
+    set(LINEN_PC_IO_REQUIRES ", libzstd")
+    set(LINEN_PC_IO_CFLAGS "-DLINEN_HAS_ZSTD=1")
+  endif()
+  configure_file("${PROJECT_SOURCE_DIR}/cmake/linen-io.pc.in" "${PROJECT_BINARY_DIR}/pkgconfig/linen-io.pc" @ONLY)
+  install(FILES "${PROJECT_BINARY_DIR}/pkgconfig/linen-io.pc" DESTINATION "${LINEN_INSTALL_PKGCONFIGDIR}")
+endif()

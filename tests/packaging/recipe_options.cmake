@@ -1,0 +1,38 @@
+# linen_check_recipe_options(<recipe file>): every LINEN_* name the recipe passes
+# to linen's configuration
+# must be an option or cache variable of linen's CMakeLists.txt / cmake/*.cmake, so that
+# a renamed option cannot leave a package recipe silently passing a dead one.
+function(linen_check_recipe_options recipe)
+  file(GLOB cmake_files "${LINEN_SOURCE_DIR}/cmake/*.cmake")
+  set(known "")
+  foreach(file IN LISTS cmake_files ITEMS "${LINEN_SOURCE_DIR}/CMakeLists.txt")
+    file(READ "${file}" text)
+    # option(LINEN_X ...) and set(LINEN_X ... CACHE ...), the latter possibly over lines.
+    string(REGEX MATCHALL "option\\((LINEN_[A-Z0-9_]+)|set\\((LINEN_[A-Z0-9_]+)[^)]*CACHE" hits "${text}")
+    foreach(hit IN LISTS hits)
+      string(REGEX MATCH "LINEN_[A-Z0-9_]+" name "${hit}")
+      list(APPEND known "${name}")
+    endforeach()
+  endforeach()
+  file(STRINGS "${recipe}" lines REGEX "LINEN_[A-Z0-9_]+")
+  set(used "")
+  foreach(line IN LISTS lines)
+    if(line MATCHES "^[ \t]*#")
+      continue()
+    endif()
+    string(REGEX MATCHALL "LINEN_[A-Z0-9_]+" names "${line}")
+    list(APPEND used ${names})
+  endforeach()
+  list(REMOVE_DUPLICATES used)
+  # Names a recipe uses that are not options: linen's own macros and test switches.
+  list(REMOVE_ITEM used LINEN_HAS_ZSTD LINEN_TEST_IO)
+  if(NOT used)
+    message(FATAL_ERROR "${recipe}: no LINEN_* option found (the check reads nothing)")
+  endif()
+  foreach(name IN LISTS used)
+    if(NOT name IN_LIST known)
+      message(FATAL_ERROR "${recipe} passes ${name}, which linen's CMake does not define (known: ${known})")
+    endif()
+  endforeach()
+  message(STATUS "${recipe}: options ${used} all defined by linen")
+endfunction()
