@@ -31,7 +31,6 @@
 #ifndef LINEN_DROPOUT_HPP
 #define LINEN_DROPOUT_HPP
 
-#include <cmath>
 #include <optional>
 #include <string>
 #include <type_traits>
