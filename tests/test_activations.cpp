@@ -112,6 +112,30 @@ TYPED_TEST(Activations, GeluExactMatchesTheErfForm) {
   }, "gelu(exact)");
 }
 
+// For half types the constants are the dtype's: over a grid of bfloat16 / half inputs,
+// gelu rounds to the float64 formula with T's sqrt(2/pi) and 0.044715 more often than to
+// the one with float64's (they differ by up to 2^-9 relative in bfloat16).
+template <class T>
+void expect_gelu_uses_dtype_constants() {
+  Tensor<T, 1> x(801);
+  for (Index i = 0; i < 801; ++i) x(i) = static_cast<T>(-4.0 + 0.01 * static_cast<double>(i));
+  const auto y = linen::gelu(x);
+  const auto formula = [](double v, double s, double c) { return v * (0.5 * (1.0 + std::tanh(s * (v + c * v * v * v)))); };
+  const double s_exact = std::sqrt(2.0 / 3.14159265358979323846), c_exact = 0.044715;
+  int dtype_matches = 0, float64_matches = 0;
+  for (Index i = 0; i < 801; ++i) {
+    const double v = static_cast<double>(x(i)), got = static_cast<double>(y(i));
+    dtype_matches += got == static_cast<double>(static_cast<T>(formula(v, in_dtype<T>(s_exact), in_dtype<T>(c_exact))));
+    float64_matches += got == static_cast<double>(static_cast<T>(formula(v, s_exact, c_exact)));
+  }
+  EXPECT_GT(dtype_matches, float64_matches) << linen::dtype_name<T>();
+  EXPECT_GE(dtype_matches, 790) << linen::dtype_name<T>();  // all but values next to a rounding boundary
+}
+TEST(GeluHalfTypes, UseTheDtypesConstants) {
+  expect_gelu_uses_dtype_constants<Eigen::bfloat16>();
+  expect_gelu_uses_dtype_constants<Eigen::half>();
+}
+
 // ---- silu / swish / relu --------------------------------------------------------------
 
 TYPED_TEST(Activations, SiluIsXTimesSigmoidAndSwishIsSilu) {
