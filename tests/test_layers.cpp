@@ -13,6 +13,7 @@
 //   - their vjps against central finite differences in double;
 //   - the errors.
 #include <array>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -186,6 +187,22 @@ TEST(Embed, LooksUpInDtypeAndThrowsOutOfRange) {
   const Tensor<float, 2> wrong = zeros<float, 2>({3, 2});
   EXPECT_MESSAGE(embed.apply(linen::EmbedParams<float>{wrong}, idx), "embedding of shape (3, 2), expected (4, 2)");
   EXPECT_MESSAGE(linen::Embed<float>(embed_config(0, 3)), "num_embeddings and features must be positive");
+}
+
+// num_embeddings == 1: Flax broadcasts the one row for every index (jnp.broadcast_to);
+// linen does the same for the valid indices 0 and -1 and throws for the rest. Maps and
+// unsigned 64-bit indices are read as tensors are.
+TEST(Embed, OneEmbeddingMapsAndUnsignedIndices) {
+  const linen::Embed<float> embed(embed_config(1, 2));
+  const auto p = embed.init(random::key(0));
+  std::vector<std::int64_t> storage{0, -1, 0};
+  const linen::ConstTensorMap<std::int64_t, 1> idx(storage.data(), 3);
+  const auto y = embed.apply(p, idx);
+  for (Index i = 0; i < 3; ++i)
+    for (Index j = 0; j < 2; ++j) EXPECT_EQ(y(i, j), p.embedding(0, j));
+  Tensor<std::uint64_t, 1> big(2);
+  big.setValues({0, std::numeric_limits<std::uint64_t>::max()});
+  EXPECT_MESSAGE(embed.apply(p, big), "index 18446744073709551615 at flat position 1 is out of range [-1, 1)");
 }
 
 TEST(Embed, AttendIsTheMatmulWithTheTransposedTable) {
