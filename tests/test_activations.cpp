@@ -376,6 +376,17 @@ TEST(ActivationErrors, NameTheAxisAndTheShape) {
   EXPECT_THROW(linen::relu_vjp(x, g), std::invalid_argument);
 }
 
+// Maps of caller memory are read as tensors are.
+TEST(Activations, TakeMaps) {
+  std::vector<float> storage{1.0f, -2.0f, 0.5f, 3.0f};
+  const linen::ConstTensorMap<float, 2> x(storage.data(), 2, 2);
+  const Tensor<float, 2> t = x;
+  EXPECT_EQ(linen::softmax(x)(1, 1), linen::softmax(t)(1, 1));
+  EXPECT_EQ(linen::gelu_vjp(x, t)(0, 1), linen::gelu_vjp(t, t)(0, 1));
+  linen::TensorMap<float, 2> m(storage.data(), 2, 2);
+  EXPECT_EQ(linen::relu(m)(0, 1), 0.0f);
+}
+
 TEST(ActivationErrors, RankZeroAndEmptyTensors) {
   Tensor<float, 0> s;
   s() = -2.0f;
