@@ -56,6 +56,7 @@
 #include "detail/broadcast.hpp"
 #include "detail/grad_attention.hpp"
 #include "detail/grad_layers.hpp"
+#include "detail/vjp.hpp"  // Vjp (the result of every vjp), check_cotangent
 #include "dot_product_attention.hpp"
 #include "errors.hpp"
 #include "layer_norm.hpp"
@@ -92,14 +93,6 @@ struct GradOptions {
   Index block_k = 512;  // key rows per tile (Fused)
 };
 
-// What a vjp returns: the forward's output and the function from an output cotangent to
-// the cotangents of the inputs and parameters (jax.vjp's `(primals_out, vjp_fn)`).
-template <class Output, class Pullback>
-struct Vjp {
-  Output output;
-  Pullback pullback;
-};
-
 namespace detail {
 
 inline void check_grad_options(const GradOptions& g, const std::string& fn) {
@@ -114,17 +107,6 @@ inline void check_grad_options(const GradOptions& g, const std::string& fn) {
 // Auto resolved: Fused unless the weights are to be sown.
 inline bool use_fused(Implementation i, bool sowing) {
   return i == Implementation::Fused || (i == Implementation::Auto && !sowing);
-}
-
-template <class X, class T, int N>
-void check_cotangent(const X& ct, const Shape& expected, const std::string& fn) {
-  static_assert(is_tensor_v<X>, "linen: a cotangent must be a linen::Tensor (or a map of one)");
-  static_assert(std::is_same_v<typename tensor_traits<X>::scalar, T>,
-                "linen: the cotangent must have the output's element type");
-  static_assert(tensor_traits<X>::rank == N, "linen: the cotangent must have the output's rank");
-  if (shape_of(ct) != expected)
-    throw linen::invalid_argument(fn + ": cotangent has shape " + to_string(shape_of(ct)) +
-                                ", the output's shape is " + to_string(expected));
 }
 
 // The dropout keep mask the forward draws, with the shape Flax draws it at:

@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "detail/broadcast.hpp"
+#include "detail/normalization.hpp"
 #include "errors.hpp"
 #include "initializers.hpp"
 #include "module.hpp"
@@ -92,8 +93,7 @@ class LayerNorm {
   // parameters); allocates nothing.
   template <class I>
   void apply_rows(const Params& p, const I* x, Index rows, Index f, T* y) const {
-    using S = std::conditional_t<std::is_same_v<T, double> || std::is_same_v<I, double>, double, float>;
-    const S eps = static_cast<S>(config_.epsilon);
+    using S = detail::norm_stat_t<T, I>;
     for (Index r = 0; r < rows; ++r) {
       const I* xr = x + r * f;
       T* yr = y + r * f;
@@ -116,7 +116,7 @@ class LayerNorm {
         }
         var /= static_cast<S>(f);
       }
-      const S inv = S(1) / std::sqrt(var + eps);
+      const S inv = detail::norm_rsqrt(var, config_.epsilon);
       for (Index j = 0; j < f; ++j) {
         const S mul = config_.use_scale ? inv * static_cast<S>(p.scale(j)) : inv;
         S v = (static_cast<S>(xr[j]) - mean) * mul;

@@ -14,6 +14,7 @@
 
 #include "../tensor.hpp"
 #include "grad_attention.hpp"  // RowMat, run_workers, share
+#include "normalization.hpp"   // norm_stat_t, norm_rsqrt
 
 namespace linen {
 namespace detail {
@@ -80,10 +81,6 @@ void dense_backward(const T* x, Index M, Index in, Index out, const P* kernel, c
   });
 }
 
-// LayerNorm over the last axis: the statistics type Flax computes in.
-template <class T, class I>
-using norm_stat_t = std::conditional_t<std::is_same_v<T, double> || std::is_same_v<I, double>, double, float>;
-
 // The backward of LayerNorm's y = (x - mean) * (rsqrt(var + eps) * scale) + bias over rows
 // of f features, var = max(0, E[x^2] - mean^2) (fast variance; jnp.maximum's derivative,
 // 1 above 0, 1/2 at 0, 0 below) or E[(x - mean)^2].
@@ -93,7 +90,7 @@ template <class T, class I, class P, class S = norm_stat_t<T, I>>
 void layer_norm_backward(const I* x, Index rows, Index f, double epsilon, bool fast_variance, const P* scale,
                          const T* dy, I* dx, S* dscale, S* dbias) {
   if (f == 0) return;
-  const S n = static_cast<S>(f), eps = static_cast<S>(epsilon);
+  const S n = static_cast<S>(f);
   std::vector<S> g(static_cast<std::size_t>(f));
   for (Index r = 0; r < rows; ++r) {
     const I* xr = x + r * f;
@@ -117,7 +114,7 @@ void layer_norm_backward(const I* x, Index rows, Index f, double epsilon, bool f
       }
       var /= n;
     }
-    const S rs = S(1) / std::sqrt(var + eps);
+    const S rs = norm_rsqrt(var, epsilon);
     S dr = 0, sum_g = 0;
     for (Index j = 0; j < f; ++j) {
       const S gy = static_cast<S>(gr[j]);
