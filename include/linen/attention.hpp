@@ -705,6 +705,42 @@ class MultiHeadDotProductAttention {
       v_used = &cache->cached_value;
     }
 
+    // The default attention_fn without sowing: its fused path computed here, in place
+    // (direct_problem: the same problem, so the same bits), which also lets a vjp's tape
+    // take the kernel's row statistics.
+    if (!cache && direct_attention(call)) {
+      Tensor<T, 4> x(B, lq, H, dh);
+      bool* keep = nullptr;
+      Tensor<bool, 1> keep_local;
+      if (!deterministic) {
+        Tensor<bool, 1>* kb = &keep_local;
+        if constexpr (kRecord) kb = &tape->keep;
+        kb->resize(keep_count(B, H, lq, lk));
+        keep = kb->data();
+        Shape flax_shape;
+        draw_keep(call.dropout_rng, batch, H, lq, lk, flax_shape, keep);
+      }
+      detail::AttentionProblem<T> a = direct_problem(query.data(), key.data(), value.data(), x.data(), B, lq, lk, H,
+                                                     dh, mask, keep);
+      if constexpr (kRecord) {
+        if (tape->stats) {
+          tape->row_max.resize(B * H * lq);
+          tape->row_sum.resize(B * H * lq);
+          a.row_max = tape->row_max.data();
+          a.row_sum = tape->row_sum.data();
+          if constexpr (!std::is_same_v<accum_t<T>, T>) {
+            tape->x_acc.resize(B, lq, H, dh);
+            a.out_acc = tape->x_acc.data();
+          }
+        }
+      }
+      detail::fused_attention<T>(a);
+      project_out(params, x.data(), B * lq, y.data(), nullptr, by_row);
+      if constexpr (kRecord) record_outputs(*tape, ys, mask, std::move(query), std::move(key), std::move(value),
+                                            std::move(x));
+      return y;
+    }
+
     AttentionOptions<T> opt;
     opt.mask = mask;
     opt.broadcast_dropout = config_.broadcast_dropout;
@@ -717,13 +753,7 @@ class MultiHeadDotProductAttention {
       // Present the keep-mask shape Flax draws at the caller's batch rank, so a JAX key or
       // a recorded mask sees exactly Flax's shape.
       Shape flax_shape;
-      if (config_.broadcast_dropout) {
-        flax_shape.assign(batch.size() + 1, 1);
-        flax_shape.insert(flax_shape.end(), {lq, lk});
-      } else {
-        flax_shape = batch;
-        flax_shape.insert(flax_shape.end(), {H, lq, lk});
-      }
+      flax_keep_shape(batch, H, lq, lk, flax_shape);
       const DropoutRng& src = call.dropout_rng;
       if constexpr (kRecord) {
         opt.dropout_rng = [&src, flax_shape, tape](double p, const Shape& shape, bool* keep) {
@@ -753,19 +783,82 @@ class MultiHeadDotProductAttention {
                                   to_string(want));
     undo.disarm();
     project_out(params, x.data(), B * lq, y.data(), nullptr, by_row);
-    if constexpr (kRecord) {
-      tape->ys = ys;
-      if (mask) {
-        const auto& ms = mask.shape();
-        tape->mask.resize(ms[0], ms[1], ms[2], ms[3]);
-        std::copy(mask.data(), mask.data() + tape->mask.size(), tape->mask.data());
-      }
-      tape->q = std::move(query);
-      tape->k = std::move(key);
-      tape->v = std::move(value);
-      tape->x = std::move(x);
-    }
+    if constexpr (kRecord) record_outputs(*tape, ys, mask, std::move(query), std::move(key), std::move(value),
+                                          std::move(x));
     return y;
+  }
+
+  // Whether the module attends with its default attention_fn (linen::dot_product_attention)
+  // on its fused path (Auto: fused unless sowing), which the module then runs in place.
+  bool direct_attention(const CallOptions<T>& call) const {
+    return !call.sow_weights && config_.attention_fn.template target<DotProductAttention>() != nullptr;
+  }
+
+  // The dropout keep mask's elements: Flax draws [1..., lq, lk] with broadcast_dropout,
+  // else [batch..., heads, lq, lk].
+  Index keep_count(Index B, Index H, Index lq, Index lk) const {
+    return config_.broadcast_dropout ? lq * lk : B * H * lq * lk;
+  }
+  // The shape Flax draws the keep mask at, at the caller's batch rank, into `shape` (no
+  // allocation once it has grown).
+  void flax_keep_shape(const Shape& batch, Index H, Index lq, Index lk, Shape& shape) const {
+    shape.clear();
+    if (config_.broadcast_dropout) {
+      shape.insert(shape.end(), batch.size() + 1, 1);
+    } else {
+      shape.insert(shape.end(), batch.begin(), batch.end());
+      shape.push_back(H);
+    }
+    shape.push_back(lq);
+    shape.push_back(lk);
+  }
+  // Draws the keep mask from `rng` with Flax's shape (so a JAX key or a recorded mask sees
+  // exactly what Flax draws) into keep [keep_count]; `shape`: storage for that shape.
+  void draw_keep(const DropoutRng& rng, const Shape& batch, Index H, Index lq, Index lk, Shape& shape,
+                 bool* keep) const {
+    flax_keep_shape(batch, H, lq, lk, shape);
+    rng(1.0 - config_.dropout_rate, shape, keep);
+  }
+
+  // The problem dot_product_attention's fused path solves for the default attention_fn
+  // (detail::attention_fused with the module's options): q, k, v [B, L, H, dh] in Flax's
+  // layout, the mask at rank 4 over the flattened batch, no bias, the keep mask as drawn
+  // (null: no dropout), not causal, config.thread_pool. out: x [B, lq, H, dh].
+  detail::AttentionProblem<T> direct_problem(const T* q, const T* k, const T* v, T* out, Index B, Index lq, Index lk,
+                                             Index H, Index dh, const ArrayRef<bool>& mask, const bool* keep) const {
+    detail::AttentionDims d;
+    d.B = B;
+    d.Lq = lq;
+    d.Lk = lk;
+    d.H = H;
+    d.D = d.Dv = dh;
+    detail::AttentionProblem<T> a = detail::flax_problem<T>(d, q, k, v, out);
+    if (mask) {
+      const auto& ms = mask.shape();
+      a.mask = detail::mask_view(mask.data(), std::array<Index, 4>{ms[0], ms[1], ms[2], ms[3]});
+    }
+    if (keep) {
+      a.keep = detail::keep_view(keep, d, config_.broadcast_dropout);
+      a.keep_scale = detail::flax_keep_scale<T>(config_.dropout_rate);
+    }
+    a.pool = config_.thread_pool;
+    return a;
+  }
+
+  // The tape's record of the attention: the output shape, the mask the attention saw, the
+  // projections and the attention output.
+  static void record_outputs(detail::AttentionTape<T>& tape, const Shape& ys, const ArrayRef<bool>& mask,
+                             Tensor<T, 4> q, Tensor<T, 4> k, Tensor<T, 4> v, Tensor<T, 4> x) {
+    tape.ys = ys;
+    if (mask) {
+      const auto& ms = mask.shape();
+      tape.mask.resize(ms[0], ms[1], ms[2], ms[3]);
+      std::copy(mask.data(), mask.data() + tape.mask.size(), tape.mask.data());
+    }
+    tape.q = std::move(q);
+    tape.k = std::move(k);
+    tape.v = std::move(v);
+    tape.x = std::move(x);
   }
 
   // The tape's dimensions, flags and inputs (cast to T, as the projections read them);
