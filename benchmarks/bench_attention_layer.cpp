@@ -26,6 +26,8 @@
 #include <array>
 #include <chrono>
 #include <climits>
+#include <cstddef>
+#include <ctime>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -195,10 +197,14 @@ BENCHMARK(BM_self_attention_decode_step)
 // call). Each run of a row happens in a forked child (both kinds alike), so that the
 // mallopt of a kept row never reaches another row (mallopt also turns off glibc's
 // dynamic mmap threshold for good); the child times one warm-up call (first_call_ms) and
-// then each iteration, the parent reports those times (manual time).
+// then each iteration, the parent reports those times (manual time) and the child's CPU
+// time per call (cpu_ms: user + system, so page faults count; the fairer comparison on a
+// loaded machine, where wall time includes waiting for a core).
 #if defined(__GLIBC__) && defined(__linux__)
+// Returns the warm-up call's seconds (-1: the child failed); `seconds` and `cpu` get each
+// timed call's wall and process CPU seconds (user + system: page faults included).
 double run_heap_child(Index b, Index l, Index e, Index h, bool kept, bool workspace, benchmark::IterationCount n,
-                      std::vector<double>& seconds) {
+                      std::vector<double>& seconds, std::vector<double>& cpu) {
   int fd[2];
   if (pipe(fd) != 0) return -1;
   const pid_t pid = fork();
@@ -216,9 +222,16 @@ double run_heap_child(Index b, Index l, Index e, Index h, bool kept, bool worksp
     const auto variables = layer.init(linen::random::key(0), x);
     linen::AttentionWorkspace<float> ws;
     linen::Tensor<float, 3> out(b, l, e);
-    std::vector<double> t(static_cast<std::size_t>(n) + 1);
-    for (std::size_t i = 0; i < t.size(); ++i) {  // t[0]: the warm-up
+    const std::size_t calls = static_cast<std::size_t>(n) + 1;
+    std::vector<double> t(2 * calls);  // wall seconds, then CPU seconds; [0]: the warm-up
+    const auto cpu_now = [] {
+      timespec ts{};
+      clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+      return double(ts.tv_sec) + double(ts.tv_nsec) * 1e-9;
+    };
+    for (std::size_t i = 0; i < calls; ++i) {
       const auto t0 = std::chrono::steady_clock::now();
+      const double c0 = cpu_now();
       if (workspace) {
         layer.apply_into(variables.params, x, out, ws);
         benchmark::DoNotOptimize(out.data());
@@ -227,6 +240,7 @@ double run_heap_child(Index b, Index l, Index e, Index h, bool kept, bool worksp
         benchmark::DoNotOptimize(y.data());
       }
       benchmark::ClobberMemory();
+      t[calls + i] = cpu_now() - c0;
       t[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     }
     const char* p = reinterpret_cast<const char*>(t.data());
@@ -240,7 +254,8 @@ double run_heap_child(Index b, Index l, Index e, Index h, bool kept, bool worksp
     _exit(0);
   }
   close(fd[1]);
-  std::vector<double> t(static_cast<std::size_t>(n) + 1);
+  const std::size_t calls = static_cast<std::size_t>(n) + 1;
+  std::vector<double> t(2 * calls);
   char* p = reinterpret_cast<char*>(t.data());
   std::size_t left = t.size() * sizeof(double);
   while (left > 0) {
@@ -253,15 +268,16 @@ double run_heap_child(Index b, Index l, Index e, Index h, bool kept, bool worksp
   int status = 0;
   waitpid(pid, &status, 0);
   if (left != 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) return -1;
-  seconds.assign(t.begin() + 1, t.end());
+  seconds.assign(t.begin() + 1, t.begin() + static_cast<std::ptrdiff_t>(calls));
+  cpu.assign(t.begin() + static_cast<std::ptrdiff_t>(calls) + 1, t.end());
   return t[0];
 }
 
 void BM_self_attention_heap(benchmark::State& state) {
   const Index b = state.range(0), l = state.range(1), e = state.range(2), h = state.range(3);
-  std::vector<double> seconds;
+  std::vector<double> seconds, cpu;
   const double warm_up = run_heap_child(b, l, e, h, state.range(4) != 0, state.range(5) != 0, state.max_iterations,
-                                        seconds);
+                                        seconds, cpu);
   if (warm_up < 0) {
     state.SkipWithError("the measuring child process failed");
     return;
@@ -269,6 +285,10 @@ void BM_self_attention_heap(benchmark::State& state) {
   std::size_t i = 0;
   for (auto _ : state) state.SetIterationTime(seconds[i++]);
   state.counters["first_call_ms"] = warm_up * 1e3;
+  double cpu_sum = 0;
+  for (double c : cpu) cpu_sum += c;
+  // CPU per call: on a loaded machine the fairer comparison (wall time includes waiting)
+  state.counters["cpu_ms"] = cpu.empty() ? 0.0 : cpu_sum / double(cpu.size()) * 1e3;
   state.counters["GFLOP/s"] = benchmark::Counter(layer_flops(b, l, e) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 void heap_shapes(benchmark::internal::Benchmark* bm) {
