@@ -9,6 +9,10 @@
 //   BM_self_attention_threads/.../threads:1|2  an Eigen::ThreadPool of 1 or 2 threads as
 //       AttentionConfig::thread_pool: the projections split by rows, the fused kernel's
 //       work items, on the pool.
+//   BM_self_attention_heap/B/L/E/H/kept:0|1/workspace:0|1  the layer with glibc's default
+//       malloc ("[default malloc]", kept:0) or a heap that keeps freed memory (kept:1),
+//       plain apply (workspace:0) or apply_into with an AttentionWorkspace (workspace:1);
+//       see the rows' comment below.
 //   BM_self_attention_decode_step/L/E/H/dtype:32|16  one decode step of the module at the
 //       end of an L-position cache (decode_step with a DecodeWorkspace: projections,
 //       cache write, attention over L positions, output projection), cycling through
@@ -19,9 +23,20 @@
 // row, causal ones included. Compare with the same run's BM_eigen_sgemm/n:1024 (one
 // thread, like every row here but threads:2).
 #include <algorithm>
+#include <array>
+#include <chrono>
+#include <climits>
+#include <cstddef>
+#include <ctime>
 #include <cstdint>
 #include <random>
 #include <vector>
+
+#if defined(__GLIBC__) && defined(__linux__)
+#include <malloc.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#endif
 
 #include <benchmark/benchmark.h>
 #include <unsupported/Eigen/CXX11/ThreadPool>
@@ -170,5 +185,120 @@ BENCHMARK(BM_self_attention_decode_step)
     ->Args({4096, 512, 8, 16})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
+
+// ---- What a loop of apply() costs with the allocator users have -----------------------
+//   BM_self_attention_heap/B/L/E/H/kept:0|1/workspace:0|1
+// kept:0 "[default malloc]": glibc's malloc as a process has it (it returns large freed
+// blocks to the system, so memory allocated per call faults its pages in again); kept:1
+// glibc told to keep freed memory (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD = INT_MAX:
+// what the GLIBC_TUNABLES do), i.e. a warm heap. workspace:0 plain layer.apply (the
+// library's per-thread scratch; the returned tensor is allocated each call), workspace:1
+// apply_into a caller's tensor with an AttentionWorkspace (no allocation after the first
+// call). Each run of a row happens in a forked child (both kinds alike), so that the
+// mallopt of a kept row never reaches another row (mallopt also turns off glibc's
+// dynamic mmap threshold for good); the child times one warm-up call (first_call_ms) and
+// then each iteration, the parent reports those times (manual time) and the child's CPU
+// time per call (cpu_ms: user + system, so page faults count; the fairer comparison on a
+// loaded machine, where wall time includes waiting for a core).
+#if defined(__GLIBC__) && defined(__linux__)
+// Returns the warm-up call's seconds (-1: the child failed); `seconds` and `cpu` get each
+// timed call's wall and process CPU seconds (user + system: page faults included).
+double run_heap_child(Index b, Index l, Index e, Index h, bool kept, bool workspace, benchmark::IterationCount n,
+                      std::vector<double>& seconds, std::vector<double>& cpu) {
+  int fd[2];
+  if (pipe(fd) != 0) return -1;
+  const pid_t pid = fork();
+  if (pid < 0) return -1;
+  if (pid == 0) {
+    close(fd[0]);
+    if (kept) {
+      mallopt(M_MMAP_MAX, 0);
+      mallopt(M_TRIM_THRESHOLD, INT_MAX);
+    }
+    linen::AttentionConfig<float> config;
+    config.num_heads = h;
+    const linen::SelfAttention<float> layer(config);
+    const linen::Tensor<float, 3> x = random_inputs(b, l, e, 1);
+    const auto variables = layer.init(linen::random::key(0), x);
+    linen::AttentionWorkspace<float> ws;
+    linen::Tensor<float, 3> out(b, l, e);
+    const std::size_t calls = static_cast<std::size_t>(n) + 1;
+    std::vector<double> t(2 * calls);  // wall seconds, then CPU seconds; [0]: the warm-up
+    const auto cpu_now = [] {
+      timespec ts{};
+      clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+      return double(ts.tv_sec) + double(ts.tv_nsec) * 1e-9;
+    };
+    for (std::size_t i = 0; i < calls; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      const double c0 = cpu_now();
+      if (workspace) {
+        layer.apply_into(variables.params, x, out, ws);
+        benchmark::DoNotOptimize(out.data());
+      } else {
+        linen::Tensor<float, 3> y = layer.apply(variables, x);
+        benchmark::DoNotOptimize(y.data());
+      }
+      benchmark::ClobberMemory();
+      t[calls + i] = cpu_now() - c0;
+      t[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    const char* p = reinterpret_cast<const char*>(t.data());
+    std::size_t left = t.size() * sizeof(double);
+    while (left > 0) {
+      const ssize_t w = write(fd[1], p, left);
+      if (w <= 0) _exit(1);
+      p += w;
+      left -= static_cast<std::size_t>(w);
+    }
+    _exit(0);
+  }
+  close(fd[1]);
+  const std::size_t calls = static_cast<std::size_t>(n) + 1;
+  std::vector<double> t(2 * calls);
+  char* p = reinterpret_cast<char*>(t.data());
+  std::size_t left = t.size() * sizeof(double);
+  while (left > 0) {
+    const ssize_t r = read(fd[0], p, left);
+    if (r <= 0) break;
+    p += r;
+    left -= static_cast<std::size_t>(r);
+  }
+  close(fd[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  if (left != 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) return -1;
+  seconds.assign(t.begin() + 1, t.begin() + static_cast<std::ptrdiff_t>(calls));
+  cpu.assign(t.begin() + static_cast<std::ptrdiff_t>(calls) + 1, t.end());
+  return t[0];
+}
+
+void BM_self_attention_heap(benchmark::State& state) {
+  const Index b = state.range(0), l = state.range(1), e = state.range(2), h = state.range(3);
+  std::vector<double> seconds, cpu;
+  const double warm_up = run_heap_child(b, l, e, h, state.range(4) != 0, state.range(5) != 0, state.max_iterations,
+                                        seconds, cpu);
+  if (warm_up < 0) {
+    state.SkipWithError("the measuring child process failed");
+    return;
+  }
+  std::size_t i = 0;
+  for (auto _ : state) state.SetIterationTime(seconds[i++]);
+  state.counters["first_call_ms"] = warm_up * 1e3;
+  double cpu_sum = 0;
+  for (double c : cpu) cpu_sum += c;
+  // CPU per call: on a loaded machine the fairer comparison (wall time includes waiting)
+  state.counters["cpu_ms"] = cpu.empty() ? 0.0 : cpu_sum / double(cpu.size()) * 1e3;
+  state.counters["GFLOP/s"] = benchmark::Counter(layer_flops(b, l, e) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+void heap_shapes(benchmark::internal::Benchmark* bm) {
+  bm->ArgNames({"B", "L", "E", "H", "kept", "workspace"});
+  for (const auto& s : {std::array<Index, 4>{1, 2048, 512, 8}, std::array<Index, 4>{8, 128, 512, 8}})
+    for (Index kept : {0, 1})
+      for (Index ws : {0, 1}) bm->Args({s[0], s[1], s[2], s[3], kept, ws});
+  bm->Unit(benchmark::kMillisecond)->UseManualTime();
+}
+BENCHMARK(BM_self_attention_heap)->Apply(heap_shapes);
+#endif
 
 }  // namespace

@@ -22,6 +22,7 @@
 
 #include <unsupported/Eigen/CXX11/ThreadPool>
 
+#include "attention_workspace.hpp"
 #include "config.hpp"
 #include "decode.hpp"
 #include "dense.hpp"
@@ -310,7 +311,17 @@ class MultiHeadDotProductAttention {
                                                   const XV& inputs_v, const CallOptions<T>& call = {}) const {
     if (config_.decode)
       throw linen::invalid_argument(name() + ": decode=true updates the cache: pass the variables mutable");
-    return apply_impl(params, nullptr, inputs_q, inputs_k, inputs_v, call);
+    if (!direct_attention(call)) return apply_impl(params, nullptr, inputs_q, inputs_k, inputs_v, call);
+    // The default attention in place, on the scratch this thread keeps (attention_workspace.hpp):
+    // only the returned tensor is allocated.
+    constexpr int N = detail::tensor_traits<XQ>::rank;
+    detail::ThreadScratchLease<T> lease;
+    auto& st = detail::WorkspaceAccess::state(lease.get());
+    const Checked c = direct_validate(st, params, inputs_q, inputs_k, inputs_v, call);
+    Tensor<T, N> y(to_dims<N>(c.shapes->ys));
+    direct_forward<detail::NoTape>(params, inputs_q, inputs_k, inputs_v, call, c.deterministic, *c.shapes, st.scratch,
+                                   y.data(), nullptr);
+    return y;
   }
   // The mutable overloads: the decode cache is updated in place.
   template <class XQ>
@@ -328,10 +339,10 @@ class MultiHeadDotProductAttention {
   template <class XQ, class XK, class XV, std::enable_if_t<detail::is_tensor_v<XV>, int> = 0>
   Tensor<T, detail::signature_traits<XQ>::rank> apply(Variables& variables, const XQ& inputs_q, const XK& inputs_k,
                                                   const XV& inputs_v, const CallOptions<T>& call = {}) const {
-    if (config_.decode && !variables.cache)
+    if (!config_.decode) return apply(std::as_const(variables.params), inputs_q, inputs_k, inputs_v, call);
+    if (!variables.cache)
       throw linen::invalid_argument(name() + ": decode=true needs variables.cache (make it with init)");
-    return apply_impl(variables.params, config_.decode ? &*variables.cache : nullptr, inputs_q, inputs_k,
-                      inputs_v, call);
+    return apply_impl(variables.params, &*variables.cache, inputs_q, inputs_k, inputs_v, call);
   }
 
   // The same with the cache apart from the parameters, so that one set of parameters
@@ -342,6 +353,53 @@ class MultiHeadDotProductAttention {
     check_inputs<XQ, XQ, XQ>();
     if (!config_.decode) throw linen::invalid_argument(name() + ": a cache is only used with decode=true");
     return apply_impl(params, &cache, inputs_q, inputs_q, inputs_q, call);
+  }
+
+  // apply into caller-owned memory with reusable buffers: computes what
+  // apply(params, inputs_q[, inputs_k[, inputs_v]], call) returns, bit for bit, and writes it
+  // to `out`
+  //   inputs_*: as for apply; out: [batch..., q_length, out_features], a writable
+  //   linen::Tensor<T, N> of that shape or a TensorMap over the caller's memory.
+  // The shapes are validated on the first call of each (module, inputs, parameters, out,
+  // mask) shape the workspace serves (apply's exceptions, and out's shape) and remembered
+  // (see AttentionWorkspace). Once `workspace` has served a call of these shapes (the
+  // warm-up), a call allocates no heap memory, provided that config.thread_pool is null
+  // (Eigen's pool allocates its tasks), attention_fn is the default and the call does not
+  // sow weights; otherwise it runs apply and copies (and allocates). A call that throws
+  // leaves `out` unchanged. decode=true: use decode_step.
+  template <class XQ, class Out>
+  void apply_into(const Params& params, const XQ& inputs_q, Out&& out, AttentionWorkspace<T>& workspace,
+                  const CallOptions<T>& call = {}) const {
+    apply_into(params, inputs_q, inputs_q, inputs_q, std::forward<Out>(out), workspace, call);
+  }
+  template <class XQ, class XK, class Out>
+  void apply_into(const Params& params, const XQ& inputs_q, const XK& inputs_k, Out&& out,
+                  AttentionWorkspace<T>& workspace, const CallOptions<T>& call = {}) const {
+    apply_into(params, inputs_q, inputs_k, inputs_k, std::forward<Out>(out), workspace, call);
+  }
+  template <class XQ, class XK, class XV, class Out>
+  void apply_into(const Params& params, const XQ& inputs_q, const XK& inputs_k, const XV& inputs_v, Out&& out,
+                  AttentionWorkspace<T>& workspace, const CallOptions<T>& call = {}) const {
+    using O = std::remove_cv_t<std::remove_reference_t<Out>>;
+    check_inputs<XQ, XK, XV>();
+    constexpr int N = detail::tensor_traits<XQ>::rank;
+    static_assert(detail::is_tensor_v<O> && detail::tensor_traits<O>::rank == N &&
+                      std::is_same_v<typename detail::tensor_traits<O>::scalar, T> &&
+                      !std::is_const_v<std::remove_pointer_t<decltype(out.data())>>,
+                  "linen: apply_into's out must be a writable linen::Tensor<T, N> (or TensorMap of one) of "
+                  "the inputs' rank");
+    if (config_.decode)
+      throw linen::invalid_argument(name() + ": decode=true updates the cache: use decode_step");
+    if (!direct_attention(call)) {
+      const Tensor<T, N> y = apply_impl(params, nullptr, inputs_q, inputs_k, inputs_v, call);
+      check_into_shape(out, shape_of(y));
+      std::copy(y.data(), y.data() + y.size(), out.data());
+      return;
+    }
+    auto& st = detail::WorkspaceAccess::state(workspace);
+    const Checked c = direct_validate(st, params, inputs_q, inputs_k, inputs_v, call, &out);
+    direct_forward<detail::NoTape>(params, inputs_q, inputs_k, inputs_v, call, c.deterministic, *c.shapes, st.scratch,
+                                   out.data(), nullptr);
   }
 
   // One decode step into caller-owned memory, with reusable buffers: computes what
@@ -380,28 +438,13 @@ class MultiHeadDotProductAttention {
     // once the vector has grown).
     auto& now = ws.now;
     now.clear();
-    auto put_dims = [&now](const auto& t) {
-      for (int i = 0; i < std::decay_t<decltype(t)>::NumDimensions; ++i) now.push_back(t.dimension(i));
-    };
-    // the module (and the fields its checks read: another module may live at this address)
-    now.push_back(static_cast<Index>(reinterpret_cast<std::uintptr_t>(this)));
-    now.insert(now.end(), {config_.num_heads, config_.qkv_features.value_or(-1), config_.out_features.value_or(-1),
-                           Index{config_.use_bias}, Index{config_.normalize_qk}});
-    put_dims(inputs_q);
-    put_dims(out);
+    put_module_signature(now, params);
+    put_dims(now, inputs_q);
+    put_dims(now, out);
     now.push_back(static_cast<Index>(cache.batch.size()));
     now.insert(now.end(), cache.batch.begin(), cache.batch.end());
-    for (const auto* t : {&cache.cached_key, &cache.cached_value}) put_dims(*t);
-    for (const auto* p : {&params.query, &params.key, &params.value}) {
-      put_dims(p->kernel);
-      put_dims(p->bias);
-    }
-    put_dims(params.out.kernel);
-    put_dims(params.out.bias);
-    put_dims(params.query_ln.scale);
-    put_dims(params.key_ln.scale);
-    now.push_back(call.mask ? call.mask.rank() : -1);
-    if (call.mask) now.insert(now.end(), call.mask.shape().begin(), call.mask.shape().end());
+    for (const auto* t : {&cache.cached_key, &cache.cached_value}) put_dims(now, *t);
+    put_mask_signature(now, call.mask);
     const detail::decode::Validated* valid = ws.find();
     if (!valid) {
       const Shape qs = shape_of(inputs_q);
@@ -639,6 +682,16 @@ class MultiHeadDotProductAttention {
     static_assert(kRecord || std::is_same_v<Tape, detail::NoTape>, "linen: internal: unknown tape");
     LINEN_ASSERT(!kRecord || (tape && !cache));
     constexpr int N = detail::tensor_traits<XQ>::rank;
+    if constexpr (kRecord) {
+      if (direct_attention(call)) {  // the default attention in place; the tape keeps the buffers
+        detail::AttentionWorkspaceState<T> st;
+        const Checked c = direct_validate(st, params, inputs_q, inputs_k, inputs_v, call);
+        Tensor<T, N> y(to_dims<N>(c.shapes->ys));
+        direct_forward(params, inputs_q, inputs_k, inputs_v, call, c.deterministic, *c.shapes, st.scratch, y.data(),
+                       tape);
+        return y;
+      }
+    }
     const Shape qs = shape_of(inputs_q), ks = shape_of(inputs_k), vs = shape_of(inputs_v);
     check_shapes(qs, ks, vs);
     const std::string n = name();
@@ -667,7 +720,7 @@ class MultiHeadDotProductAttention {
     Tensor<T, 4> query = project(params.query, inputs_q, B, lq, by_row);
     Tensor<T, 4> key = project(params.key, inputs_k, B, ks[ks.size() - 2], by_row);
     Tensor<T, 4> value = project(params.value, inputs_v, B, vs[vs.size() - 2], by_row);
-    if constexpr (kRecord) record_inputs(*tape, s, qs, ks, vs, inputs_q, inputs_k, inputs_v);
+    if constexpr (kRecord) record_inputs(*tape, s.num_heads, s.head_dim, s.out_features, inputs_q, inputs_k, inputs_v);
     if (config_.normalize_qk) {
       if constexpr (kRecord) {
         tape->q_pre = query;
@@ -717,13 +770,7 @@ class MultiHeadDotProductAttention {
       // Present the keep-mask shape Flax draws at the caller's batch rank, so a JAX key or
       // a recorded mask sees exactly Flax's shape.
       Shape flax_shape;
-      if (config_.broadcast_dropout) {
-        flax_shape.assign(batch.size() + 1, 1);
-        flax_shape.insert(flax_shape.end(), {lq, lk});
-      } else {
-        flax_shape = batch;
-        flax_shape.insert(flax_shape.end(), {H, lq, lk});
-      }
+      flax_keep_shape(batch, H, lq, lk, flax_shape);
       const DropoutRng& src = call.dropout_rng;
       if constexpr (kRecord) {
         opt.dropout_rng = [&src, flax_shape, tape](double p, const Shape& shape, bool* keep) {
@@ -755,11 +802,7 @@ class MultiHeadDotProductAttention {
     project_out(params, x.data(), B * lq, y.data(), nullptr, by_row);
     if constexpr (kRecord) {
       tape->ys = ys;
-      if (mask) {
-        const auto& ms = mask.shape();
-        tape->mask.resize(ms[0], ms[1], ms[2], ms[3]);
-        std::copy(mask.data(), mask.data() + tape->mask.size(), tape->mask.data());
-      }
+      record_mask(*tape, mask);
       tape->q = std::move(query);
       tape->k = std::move(key);
       tape->v = std::move(value);
@@ -768,20 +811,259 @@ class MultiHeadDotProductAttention {
     return y;
   }
 
+  // What direct_validate found: the validated shapes (in the workspace) and the call's
+  // deterministic flag (merged as Flax merges it).
+  struct Checked {
+    const detail::ForwardShapes* shapes;
+    bool deterministic;
+  };
+
+  template <class X>
+  static void put_dims(std::vector<Index>& now, const X& t) {
+    for (int i = 0; i < std::decay_t<X>::NumDimensions; ++i) now.push_back(t.dimension(i));
+  }
+  // The module (and the fields its checks read: another module may live at this address)
+  // and the parameters' shapes, for a workspace's validated signatures.
+  void put_module_signature(std::vector<Index>& now, const Params& params) const {
+    now.push_back(static_cast<Index>(reinterpret_cast<std::uintptr_t>(this)));
+    now.insert(now.end(), {config_.num_heads, config_.qkv_features.value_or(-1), config_.out_features.value_or(-1),
+                           Index{config_.use_bias}, Index{config_.normalize_qk}});
+    for (const auto* p : {&params.query, &params.key, &params.value}) {
+      put_dims(now, p->kernel);
+      put_dims(now, p->bias);
+    }
+    put_dims(now, params.out.kernel);
+    put_dims(now, params.out.bias);
+    put_dims(now, params.query_ln.scale);
+    put_dims(now, params.key_ln.scale);
+  }
+  static void put_mask_signature(std::vector<Index>& now, const ArrayRef<bool>& mask) {
+    now.push_back(mask ? mask.rank() : -1);
+    if (mask) now.insert(now.end(), mask.shape().begin(), mask.shape().end());
+  }
+
+  template <class Out>
+  void check_into_shape(const Out& out, const Shape& want) const {
+    if (shape_of(out) != want)
+      throw linen::invalid_argument(name() + ": apply_into's out has shape " + to_string(shape_of(out)) +
+                                    ", expected " + to_string(want));
+  }
+
+  // The checks of a forward that attends in place (apply's, in apply's order, and out's
+  // shape when given), or their result remembered in `st` for this call's signature: a
+  // call of validated shapes allocates nothing here.
+  template <class XQ, class XK, class XV, class O = Tensor<T, 1>>
+  Checked direct_validate(detail::AttentionWorkspaceState<T>& st, const Params& params, const XQ& inputs_q,
+                          const XK& inputs_k, const XV& inputs_v, const CallOptions<T>& call,
+                          const O* out = nullptr) const {
+    check_inputs<XQ, XK, XV>();
+    auto& now = st.now;
+    now.clear();
+    put_module_signature(now, params);
+    put_dims(now, inputs_q);
+    put_dims(now, inputs_k);
+    put_dims(now, inputs_v);
+    if (out) put_dims(now, *out);
+    else now.push_back(-1);
+    put_mask_signature(now, call.mask);
+    if (const detail::ForwardShapes* known = st.find()) return {known, resolve_deterministic(call)};
+
+    const Shape qs = shape_of(inputs_q), ks = shape_of(inputs_k), vs = shape_of(inputs_v);
+    check_shapes(qs, ks, vs);
+    const AttentionParamShapes s = param_shapes(qs.back(), ks.back(), vs.back());
+    detail::check_attention_params(params, s, qs, ks, vs, name());
+    detail::ForwardShapes f;
+    f.batch.assign(qs.begin(), qs.end() - 2);
+    f.B = num_elements(f.batch);
+    f.lq = qs[qs.size() - 2];
+    f.lk = ks[ks.size() - 2];
+    f.H = s.num_heads;
+    f.head_dim = s.head_dim;
+    f.fq = qs.back();
+    f.fk = ks.back();
+    f.fv = vs.back();
+    f.fo = s.out_features;
+    f.ys = f.batch;
+    f.ys.insert(f.ys.end(), {f.lq, f.fo});
+    if (out) check_into_shape(*out, f.ys);
+    const bool deterministic = resolve_deterministic(call);
+    if (call.mask) f.mask = detail::mask_plan(call.mask, f.batch, f.H, f.lq, f.lk, name());
+    return {&st.remember(std::move(f)), deterministic};
+  }
+
+  // The forward with the default attention_fn, not sowing, on validated shapes `f`:
+  // the projections into `s` (or the tape), then dot_product_attention's fused path in
+  // place (direct_problem: the same problem, so the same bits), then the output projection
+  // into y [batch..., q_length, out_features]. With a tape it records what the backward
+  // needs, the fused kernel's row statistics included (tape->stats). Allocates nothing
+  // once `s` has grown to these shapes (and without a tape or a thread pool).
+  template <class Tape, class XQ, class XK, class XV>
+  void direct_forward(const Params& params, const XQ& inputs_q, const XK& inputs_k, const XV& inputs_v,
+                      const CallOptions<T>& call, bool deterministic, const detail::ForwardShapes& f,
+                      detail::ForwardScratch<T>& s, T* y, Tape* tape) const {
+    constexpr bool kRecord = std::is_same_v<Tape, detail::AttentionTape<T>>;
+    const Index B = f.B, lq = f.lq, lk = f.lk, H = f.H, dh = f.head_dim, F = H * dh;
+    // The caller's mask over the flattened batch: in place, or gathered.
+    const bool* mask = nullptr;
+    if (call.mask) {
+      mask = call.mask.data();
+      if (!f.mask.offsets.empty()) {
+        const auto& d = f.mask.dims;
+        s.mask.resize(static_cast<std::size_t>(B * d[1] * d[2] * d[3]));
+        detail::gather_mask(d, f.mask.offsets, mask, reinterpret_cast<bool*>(s.mask.data()));
+        mask = reinterpret_cast<const bool*>(s.mask.data());
+      }
+    }
+    T *q, *k, *v, *x;
+    if constexpr (kRecord) {
+      tape->q.resize(B, lq, H, dh);
+      tape->k.resize(B, lk, H, dh);
+      tape->v.resize(B, lk, H, dh);
+      tape->x.resize(B, lq, H, dh);
+      q = tape->q.data();
+      k = tape->k.data();
+      v = tape->v.data();
+      x = tape->x.data();
+    } else {
+      for (auto [buf, rows] : {std::pair{&s.q, B * lq}, std::pair{&s.k, B * lk}, std::pair{&s.v, B * lk},
+                               std::pair{&s.x, B * lq}})
+        buf->resize(static_cast<std::size_t>(rows * F));
+      q = s.q.data();
+      k = s.k.data();
+      v = s.v.data();
+      x = s.x.data();
+    }
+    dense_rows<QKVDense>(params.query, inputs_q.data(), B * lq, q, &s.dense, false);
+    dense_rows<QKVDense>(params.key, inputs_k.data(), B * lk, k, &s.dense, false);
+    dense_rows<QKVDense>(params.value, inputs_v.data(), B * lk, v, &s.dense, false);
+    if constexpr (kRecord) record_inputs(*tape, H, dh, f.fo, inputs_q, inputs_k, inputs_v);
+    if (config_.normalize_qk) {
+      if constexpr (kRecord) {
+        tape->q_pre = tape->q;
+        tape->k_pre = tape->k;
+      }
+      qk_norm_instance().apply_rows(params.query_ln, q, B * lq * H, dh, q);
+      qk_norm_instance().apply_rows(params.key_ln, k, B * lk * H, dh, k);
+    }
+    const bool* keep = nullptr;
+    if (!deterministic) {
+      const Index n = keep_count(B, H, lq, lk);
+      bool* kb = nullptr;
+      if constexpr (kRecord) {
+        tape->keep.resize(n);
+        kb = tape->keep.data();
+      } else {
+        s.keep.resize(static_cast<std::size_t>(n));
+        kb = reinterpret_cast<bool*>(s.keep.data());
+      }
+      draw_keep(call.dropout_rng, f.batch, H, lq, lk, s.keep_shape, kb);
+      keep = kb;
+    }
+    detail::AttentionProblem<T> a = direct_problem(q, k, v, x, B, lq, lk, H, dh, mask, f.mask.dims, keep);
+    a.tiled_scratch = &s.tiled;
+    a.row_scratch = &s.row;
+    if constexpr (kRecord) {
+      if (tape->stats) {
+        tape->row_max.resize(B * H * lq);
+        tape->row_sum.resize(B * H * lq);
+        a.row_max = tape->row_max.data();
+        a.row_sum = tape->row_sum.data();
+        if constexpr (!std::is_same_v<accum_t<T>, T>) {
+          tape->x_acc.resize(B, lq, H, dh);
+          a.out_acc = tape->x_acc.data();
+        }
+      }
+    }
+    detail::fused_attention<T>(a);
+    project_out(params, x, B * lq, y, &s.dense, false);
+    if constexpr (kRecord) {
+      tape->ys = f.ys;
+      if (mask) {
+        const auto& d = f.mask.dims;
+        record_mask(*tape, ArrayRef<bool>(mask, {d[0] == 1 ? 1 : B, d[1], d[2], d[3]}));
+      }
+    }
+  }
+
+  // Whether the module attends with its default attention_fn (linen::dot_product_attention)
+  // on its fused path (Auto: fused unless sowing), which the module then runs in place.
+  bool direct_attention(const CallOptions<T>& call) const {
+    return !call.sow_weights && config_.attention_fn.template target<DotProductAttention>() != nullptr;
+  }
+
+  // The dropout keep mask's elements: Flax draws [1..., lq, lk] with broadcast_dropout,
+  // else [batch..., heads, lq, lk].
+  Index keep_count(Index B, Index H, Index lq, Index lk) const {
+    return config_.broadcast_dropout ? lq * lk : B * H * lq * lk;
+  }
+  // The shape Flax draws the keep mask at, at the caller's batch rank, into `shape` (no
+  // allocation once it has grown).
+  void flax_keep_shape(const Shape& batch, Index H, Index lq, Index lk, Shape& shape) const {
+    shape.clear();
+    if (config_.broadcast_dropout) {
+      shape.insert(shape.end(), batch.size() + 1, 1);
+    } else {
+      shape.insert(shape.end(), batch.begin(), batch.end());
+      shape.push_back(H);
+    }
+    shape.push_back(lq);
+    shape.push_back(lk);
+  }
+  // Draws the keep mask from `rng` with Flax's shape (so a JAX key or a recorded mask sees
+  // exactly what Flax draws) into keep [keep_count]; `shape`: storage for that shape.
+  void draw_keep(const DropoutRng& rng, const Shape& batch, Index H, Index lq, Index lk, Shape& shape,
+                 bool* keep) const {
+    flax_keep_shape(batch, H, lq, lk, shape);
+    rng(1.0 - config_.dropout_rate, shape, keep);
+  }
+
+  // The problem dot_product_attention's fused path solves for the default attention_fn
+  // (detail::attention_fused with the module's options): q, k, v [B, L, H, dh] in Flax's
+  // layout, the mask at rank 4 over the flattened batch (mask_dims [B|1, H|1, lq|1,
+  // lk|1]; null: none), no bias, the keep mask as drawn (null: no dropout), not causal,
+  // config.thread_pool. out: x [B, lq, H, dh].
+  detail::AttentionProblem<T> direct_problem(const T* q, const T* k, const T* v, T* out, Index B, Index lq, Index lk,
+                                             Index H, Index dh, const bool* mask, const std::array<Index, 4>& mask_dims,
+                                             const bool* keep) const {
+    detail::AttentionDims d;
+    d.B = B;
+    d.Lq = lq;
+    d.Lk = lk;
+    d.H = H;
+    d.D = d.Dv = dh;
+    detail::AttentionProblem<T> a = detail::flax_problem<T>(d, q, k, v, out);
+    if (mask) a.mask = detail::mask_view(mask, mask_dims);
+    if (keep) {
+      a.keep = detail::keep_view(keep, d, config_.broadcast_dropout);
+      a.keep_scale = detail::flax_keep_scale<T>(config_.dropout_rate);
+    }
+    a.pool = config_.thread_pool;
+    return a;
+  }
+
+  // The mask the attention saw (rank 4 over the flattened batch), onto the tape.
+  static void record_mask(detail::AttentionTape<T>& tape, const ArrayRef<bool>& mask) {
+    if (!mask) return;
+    const auto& ms = mask.shape();
+    tape.mask.resize(ms[0], ms[1], ms[2], ms[3]);
+    std::copy(mask.data(), mask.data() + tape.mask.size(), tape.mask.data());
+  }
+
   // The tape's dimensions, flags and inputs (cast to T, as the projections read them);
   // each distinct input once.
   template <class XQ, class XK, class XV>
-  void record_inputs(detail::AttentionTape<T>& t, const AttentionParamShapes& s, const Shape& qs, const Shape& ks,
-                     const Shape& vs, const XQ& inputs_q, const XK& inputs_k, const XV& inputs_v) const {
+  void record_inputs(detail::AttentionTape<T>& t, Index heads, Index head_dim, Index out_features, const XQ& inputs_q,
+                     const XK& inputs_k, const XV& inputs_v) const {
+    const Shape qs = shape_of(inputs_q), ks = shape_of(inputs_k), vs = shape_of(inputs_v);
     t.B = num_elements(Shape(qs.begin(), qs.end() - 2));
     t.Lq = qs[qs.size() - 2];
     t.Lk = ks[ks.size() - 2];
-    t.H = s.num_heads;
-    t.head_dim = s.head_dim;
+    t.H = heads;
+    t.head_dim = head_dim;
     t.fq = qs.back();
     t.fk = ks.back();
     t.fv = vs.back();
-    t.fo = s.out_features;
+    t.fo = out_features;
     t.xs_q = qs;
     t.xs_k = ks;
     t.xs_v = vs;
@@ -852,6 +1134,13 @@ class SelfAttention : private MultiHeadDotProductAttention<T, ParamT> {
   Tensor<T, detail::signature_traits<XQ>::rank> apply(const Params& params, Cache& cache, const XQ& inputs_q,
                                                   const CallOptions<T>& call = {}) const {
     return Base::apply(params, cache, inputs_q, call);
+  }
+  // apply_into(params, inputs_q, out, workspace[, call]): apply into caller-owned memory
+  // with reusable buffers; see MultiHeadDotProductAttention::apply_into.
+  template <class XQ, class Out>
+  void apply_into(const Params& params, const XQ& inputs_q, Out&& out, AttentionWorkspace<T>& workspace,
+                  const CallOptions<T>& call = {}) const {
+    Base::apply_into(params, inputs_q, std::forward<Out>(out), workspace, call);
   }
   // decode_step(params, cache, inputs_q, out, workspace[, call]): see
   // MultiHeadDotProductAttention::decode_step.

@@ -19,9 +19,8 @@
 // the dropout keep mask it actually drew. It does not keep the batch x heads x q_length x
 // kv_length attention weights: the backward recomputes them, per head (reference) or per
 // tile (fused, from two numbers per query row, the softmax's row max and denominator, which
-// the pullback computes first from the tape's q and k: the forward kernel that made the
-// output does not export them) — FlashAttention's trade of a little compute for O(L)
-// memory. With the keep mask on the tape any dropout source works, a C++ engine included:
+// the forward kernel that made the output writes onto the tape) — FlashAttention's trade
+// of a little compute for O(L) memory. With the keep mask on the tape any dropout source works, a C++ engine included:
 // the mask is drawn exactly once, in the forward. dot_product_attention_vjp has no
 // parameters to hold on to, so it runs its forward and backward in one call.
 //
@@ -423,32 +422,6 @@ struct AttentionGrads {
   Tensor<I, N> inputs_v;  // [batch..., kv_length, v_features]; size 0 unless inputs_v was passed
 };
 
-namespace detail {
-
-// The attention problem of a module's tape, as the gradient kernels see it (batch
-// flattened; the mask is the one the forward attended with, at rank 4).
-template <class T>
-AttentionCore<T> tape_core(const AttentionTape<T>& t) {
-  AttentionCore<T> c;
-  c.d.batch = {t.B};
-  c.d.B = t.B;
-  c.d.Lq = t.Lq;
-  c.d.Lk = t.Lk;
-  c.d.H = t.H;
-  c.d.D = c.d.Dv = t.head_dim;
-  c.query = t.q.data();
-  c.key = t.k.data();
-  c.value = t.v.data();
-  if (t.mask.size() > 0) c.mask = ArrayRef<bool>(t.mask);
-  c.keep = t.keep.size() > 0 ? t.keep.data() : nullptr;
-  c.broadcast_dropout = t.broadcast_dropout;
-  c.dropout_rate = t.dropout_rate;
-  c.fp32_softmax = t.fp32_softmax;
-  return c;
-}
-
-}  // namespace detail
-
 // The backward of one attention module call: cotangent [batch..., q_length, out_features]
 // -> AttentionGrads. Made by vjp(); may be called any number of times.
 template <class T, class ParamT, class I, int N>
@@ -475,24 +448,20 @@ class AttentionPullback {
                                          g.params.out.kernel.data(), t.use_bias ? g.params.out.bias.data() : nullptr,
                                          dx.data(), pool);
 
-    // attention
+    // attention: the problem the tape records; the fused backward reads the row
+    // statistics (and, for half types, the unrounded output) the forward kernel wrote.
     Tensor<T, 4> dq(t.B, t.Lq, H, dh), dk(t.B, t.Lk, H, dh), dv(t.B, t.Lk, H, dh);
-    const detail::AttentionCore<T> core = detail::tape_core(t);
+    const detail::AttentionProblem<T> a = t.problem(pool);
+    using Policy = detail::FlaxLogits<T>;
     if (!fused_) {
-      detail::attention_backward_reference<T>(core, dx.data(), dq.data(), dk.data(), dv.data(), nullptr, fn);
+      detail::attention_backward_reference<Policy>(a, dx.data(), dq.data(), dk.data(), dv.data(), nullptr);
     } else {
-      // The fused backward's row statistics (max, denominator) and unrounded output, from
-      // the gradient kernel's forward over the tape's q, k, v (dot_product_attention's
-      // forward kernel, which made the output, does not export them).
-      const Index rows = t.B * H * t.Lq;
-      std::vector<C> row_max(static_cast<std::size_t>(rows)), row_sum(static_cast<std::size_t>(rows));
-      std::vector<C> out_c(static_cast<std::size_t>(t.x.size()));
-      Tensor<T, 4> out(t.x.dimensions());
-      detail::attention_forward_fused<T>(core, out.data(), out_c.data(), row_max.data(), row_sum.data(),
-                                         options_.block_q, options_.block_k, pool, fn);
-      detail::attention_backward_fused<T>(core, out_c.data(), row_max.data(), row_sum.data(), dx.data(), dq.data(),
-                                          dk.data(), dv.data(), nullptr, options_.block_q, options_.block_k, pool,
-                                          fn);
+      LINEN_ASSERT(t.row_max.size() == t.B * H * t.Lq);  // vjp asked the forward for them
+      const C* out_c = nullptr;
+      if constexpr (std::is_same_v<C, T>) out_c = t.x.data();
+      else out_c = t.x_acc.data();
+      detail::attention_backward_fused<Policy>(a, out_c, t.row_max.data(), t.row_sum.data(), dx.data(), dq.data(),
+                                               dk.data(), dv.data(), nullptr, options_.block_q, options_.block_k);
     }
 
     // normalize_qk: LayerNorm(use_bias=False, epsilon=1e-6) over head_dim
@@ -608,6 +577,7 @@ attention_module_vjp(const MultiHeadDotProductAttention<T, ParamT>& module, cons
                                   "Implementation::Reference (or Auto)");
   AttentionTape<T> tape;
   tape.inputs = inputs;
+  tape.stats = fused;
   Tensor<T, N> y = AttentionAccess::forward(module, params, inputs_q, inputs_k, inputs_v, call, tape);
   return {std::move(y), AttentionPullback<T, ParamT, I, N>(name, &params, options, fused, std::move(tape))};
 }

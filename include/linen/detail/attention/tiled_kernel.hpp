@@ -357,6 +357,24 @@ class Kernel {
   }
 };
 
+}  // namespace fused
+
+// The tiled kernel's buffers, kept by a caller between calls (AttentionProblem::
+// tiled_scratch): once grown to a problem's size, a call on them allocates nothing.
+template <class C>
+struct TiledScratch {
+  std::vector<C> storage;                    // per-worker state
+  std::vector<std::uint32_t> mask_entries;   // MaskTable's
+  std::vector<Index> mask_acc;
+  std::vector<std::int32_t> nonfinite;       // NonFiniteValues'
+  std::size_t bytes() const {
+    return storage.capacity() * sizeof(C) + mask_entries.capacity() * sizeof(std::uint32_t) +
+           mask_acc.capacity() * sizeof(Index) + nonfinite.capacity() * sizeof(std::int32_t);
+  }
+};
+
+namespace fused {
+
 template <class Policy, class P, int MR, int NR>
 void run_kernel(const AttentionProblem<typename Policy::element_type>& a) {
   using C = typename Policy::accum_type;
@@ -364,16 +382,23 @@ void run_kernel(const AttentionProblem<typename Policy::element_type>& a) {
   const Index items = kernel.items();
   const int workers =
       a.pool ? static_cast<int>(std::min<Index>(std::max(1, a.pool->NumThreads()), items)) : 1;
-  const MaskTable table(a, Kernel<Policy, P, MR, NR>::QB, kernel.tile_keys(), a.pool ? std::max(1, a.pool->NumThreads()) : 1);
+  TiledScratch<C>* kept = a.tiled_scratch;
+  const MaskTable table(a, Kernel<Policy, P, MR, NR>::QB, kernel.tile_keys(), a.pool ? std::max(1, a.pool->NumThreads()) : 1,
+                        kept ? &kept->mask_entries : nullptr, kept ? &kept->mask_acc : nullptr);
   // Counted only when the kernel may leave masked keys out.
-  const NonFiniteValues nf = a.mask || (a.causal && !a.causal_hides_values) ? NonFiniteValues(a) : NonFiniteValues();
+  const NonFiniteValues nf = a.mask || (a.causal && !a.causal_hides_values)
+                                 ? NonFiniteValues(a, kept ? &kept->nonfinite : nullptr)
+                                 : NonFiniteValues();
   kernel.set_tables(&table, &nf);
   // Per-worker scratch, allocated once per call by the caller (so an allocation failure
   // throws here, not in a pool thread), 64-byte aligned, workers 64 bytes apart so that
-  // they share no cache line. (A plain std::vector: operator new sees every byte.)
+  // they share no cache line. (A plain std::vector: operator new sees every byte.) Kept
+  // between calls in a.tiled_scratch when set.
   const Index per = kernel.scratch_elements();
   constexpr Index align = 64 / Index(sizeof(C));
-  std::vector<C> storage(static_cast<std::size_t>(per * workers + align));
+  std::vector<C> own;
+  std::vector<C>& storage = kept ? kept->storage : own;
+  storage.resize(static_cast<std::size_t>(per * workers + align));
   C* base = storage.data();
   while (reinterpret_cast<std::uintptr_t>(base) % 64 != 0) ++base;
   parallel_for(a.pool, workers, items,

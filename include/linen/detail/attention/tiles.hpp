@@ -107,12 +107,17 @@ bool values_finite(const AttentionProblem<T>& a, Index b, Index h, Index j0, Ind
 class NonFiniteValues {
  public:
   NonFiniteValues() = default;
+  // `store`: the counts' storage, kept by the caller (null: the object's own).
   template <class T>
-  explicit NonFiniteValues(const AttentionProblem<T>& a) : H_(a.H), Lk_(a.Lk) {
-    counts_.resize(static_cast<std::size_t>(a.B * a.H * (a.Lk + 1)));
+  explicit NonFiniteValues(const AttentionProblem<T>& a, std::vector<std::int32_t>* store = nullptr)
+      : H_(a.H), Lk_(a.Lk) {
+    std::vector<std::int32_t>& counts = store ? *store : own_;
+    counts.resize(static_cast<std::size_t>(a.B * a.H * (a.Lk + 1)));
+    counts_ = counts.data();
+    enabled_ = !counts.empty();
     for (Index b = 0; b < a.B; ++b)
       for (Index h = 0; h < a.H; ++h) {
-        std::int32_t* c = counts_.data() + (b * a.H + h) * (a.Lk + 1);
+        std::int32_t* c = counts.data() + (b * a.H + h) * (a.Lk + 1);
         std::int32_t run = 0;
         for (Index j = 0; j < a.Lk; ++j) {
           c[j] = run;
@@ -121,15 +126,17 @@ class NonFiniteValues {
         c[a.Lk] = run;
       }
   }
-  bool enabled() const { return !counts_.empty(); }
+  bool enabled() const { return enabled_; }
   bool finite(Index b, Index h, Index j0, Index j1) const {
-    const std::int32_t* c = counts_.data() + (b * H_ + h) * (Lk_ + 1);
+    const std::int32_t* c = counts_ + (b * H_ + h) * (Lk_ + 1);
     return c[j1] == c[j0];
   }
 
  private:
   Index H_ = 0, Lk_ = 0;
-  std::vector<std::int32_t> counts_;
+  std::vector<std::int32_t> own_;  // a moved vector keeps its buffer, so counts_ stays valid
+  const std::int32_t* counts_ = nullptr;
+  bool enabled_ = false;
 };
 
 // How keys [j0, j1) meet query rows [r0, r1) of (b, h): skipped when every logit is
@@ -186,8 +193,10 @@ TileUse classify_tile(const AttentionProblem<T>& a, Index b, Index h, Index r0, 
 class MaskTable {
  public:
   MaskTable() = default;
+  // entries_store, acc_store: storage kept by the caller (null: the table's own).
   template <class T>
-  MaskTable(const AttentionProblem<T>& a, Index qb, Index tk, int workers) {
+  MaskTable(const AttentionProblem<T>& a, Index qb, Index tk, int workers,
+            std::vector<std::uint32_t>* entries_store = nullptr, std::vector<Index>* acc_store = nullptr) {
     if (!a.mask || a.Lq == 0 || a.Lk == 0) return;
     bool batch_shared = true;
     if (a.mask.batch_offset) {
@@ -201,9 +210,13 @@ class MaskTable {
     tiles_ = (a.Lk + tk - 1) / tk;
     const Index n = nb_ * nh_ * blocks_ * tiles_;
     if (nb_ * nh_ == a.B * a.H || n > (Index{1} << 22)) return;
-    entries_.assign(static_cast<std::size_t>(n), 0);
+    std::vector<std::uint32_t>& entries = entries_store ? *entries_store : own_;
+    entries.assign(static_cast<std::size_t>(n), 0);
+    entries_ = entries.data();
     // per worker: any, all, first, last of each tile over the block's rows
-    std::vector<Index> acc(static_cast<std::size_t>(workers * tiles_ * 4));
+    std::vector<Index> acc_own;
+    std::vector<Index>& acc = acc_store ? *acc_store : acc_own;
+    acc.resize(static_cast<std::size_t>(workers * tiles_ * 4));
     const Index sk = a.mask.sk;
     parallel_for(a.pool, workers, nb_ * nh_ * blocks_, [&](int worker, Index item) {
       const Index g = item / blocks_, blk = item % blocks_;
@@ -253,7 +266,7 @@ class MaskTable {
           e[1] &= all;
         }
       }
-      std::uint32_t* out = entries_.data() + item * tiles_;
+      std::uint32_t* out = entries_ + item * tiles_;
       for (Index t = 0; t < tiles_; ++t) {
         const Index* e = t4 + 4 * t;
         const Index n = std::min(tk, a.Lk - t * tk);
@@ -265,7 +278,7 @@ class MaskTable {
       }
     });
   }
-  bool enabled() const { return !entries_.empty(); }
+  bool enabled() const { return entries_ != nullptr; }
   // scan_mask(a, b, h, rows of `block`, keys of `tile`).
   std::uint32_t get(Index b, Index h, Index block, Index tile) const {
     return entries_[static_cast<std::size_t>((((nb_ == 1 ? 0 : b) * nh_ + (nh_ == 1 ? 0 : h)) * blocks_ + block) * tiles_ +
@@ -274,7 +287,8 @@ class MaskTable {
 
  private:
   Index nb_ = 0, nh_ = 0, blocks_ = 0, tiles_ = 0;
-  std::vector<std::uint32_t> entries_;
+  std::vector<std::uint32_t> own_;
+  std::uint32_t* entries_ = nullptr;  // null: off
 };
 
 }  // namespace fused

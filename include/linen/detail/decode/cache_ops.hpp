@@ -23,7 +23,7 @@
 #include <unsupported/Eigen/CXX11/ThreadPool>
 
 #include "../../decode.hpp"
-#include "../../dot_product_attention.hpp"  // ArrayRef, depth_scale
+#include "../../dot_product_attention.hpp"  // ArrayRef
 #include "../../errors.hpp"
 #include "../../tensor.hpp"
 #include "../fused_attention.hpp"
@@ -151,31 +151,16 @@ inline Tensor<bool, 4> cache_mask(const ArrayRef<bool>& user, Index B, Index n, 
 template <class T>
 void attend(const AttentionCache<T>& cache, const T* q, Index n, const FusedView<bool>& mask, T* out,
             Eigen::ThreadPoolInterface* pool, RowScratch<accum_t<T>>* scratch) {
-  const Index B = cache.cached_key.dimension(0), L = cache.max_length(), H = cache.cached_key.dimension(2),
-              dh = cache.cached_key.dimension(3), F = H * dh, first = cache.cache_index - n;
-  FusedAttentionArgs<T> a;
-  a.B = B;
-  a.H = H;
-  a.Lq = n;
-  a.Lk = L;
-  a.D = a.Dv = dh;
-  a.query = q;
-  a.q_sb = n * F;
-  a.q_sl = F;
-  a.q_sh = dh;
-  a.key = cache.cached_key.data();
-  a.value = cache.cached_value.data();
-  a.k_sb = a.v_sb = L * F;
-  a.k_sl = a.v_sl = F;
-  a.k_sh = a.v_sh = dh;
-  a.out = out;
-  a.o_sb = n * F;
-  a.o_sl = F;
-  a.o_sh = dh;
-  a.query_scale = depth_scale<T>(dh);
+  AttentionDims d;  // q [B, n, H, dh], the cache [B, max_length, H, dh]: Flax's layouts
+  d.B = cache.cached_key.dimension(0);
+  d.Lq = n;
+  d.Lk = cache.max_length();
+  d.H = cache.cached_key.dimension(2);
+  d.D = d.Dv = cache.cached_key.dimension(3);
+  AttentionProblem<T> a = flax_problem<T>(d, q, cache.cached_key.data(), cache.cached_value.data(), out);
   a.mask = mask;
   a.causal = true;  // Flax's arange(max_length) <= cache_index
-  a.causal_offset = first;
+  a.causal_offset = cache.cache_index - n;  // the index the step wrote its first position at
   a.causal_hides_values = true;  // positions past the index are never read
   a.pool = pool;
   a.row_scratch = scratch;
