@@ -21,6 +21,7 @@
 #include <unsupported/Eigen/CXX11/ThreadPool>
 
 #include <linen/detail/gemm/gemm.hpp>
+#include <linen/detail/gemm/product.hpp>
 
 namespace {
 
@@ -194,7 +195,8 @@ TYPED_TEST(GemmTest, OutputGroupsMatchSeparateProducts) {
     each.emplace_back(M, n, K, 0, n != 33, seed++);
     each.back().a = each.front().a;  // one A for all
   }
-  for (auto* pl : {static_cast<Eigen::ThreadPoolInterface*>(nullptr), static_cast<Eigen::ThreadPoolInterface*>(&pool)}) {
+  Eigen::ThreadPoolInterface* const pools[] = {nullptr, &pool};
+  for (Eigen::ThreadPoolInterface* pl : pools) {
     std::vector<std::vector<T>> fused(3);
     gemm::Output<T> outs[3];
     for (int g = 0; g < 3; ++g) {
@@ -212,6 +214,24 @@ TYPED_TEST(GemmTest, OutputGroupsMatchSeparateProducts) {
     for (int g = 0; g < 3; ++g) std::fill(fused[g].begin(), fused[g].end(), Case<T>::kSentinel);
     tiny_outputs<T>(M, K, each[0].a.data(), K, outs, 3, pl);
     for (int g = 0; g < 3; ++g) EXPECT_EQ(fused[g], each[g].c) << "group " << g << ", tiny blocking";
+  }
+}
+
+// The products' entry (detail/gemm/product.hpp): linen's GEMM, or CBLAS in a
+// LINEN_USE_BLAS build (its rows split over the pool), within the same bound.
+TYPED_TEST(GemmTest, MultiplyMatchesTheExactProduct) {
+  using T = TypeParam;
+  Eigen::ThreadPool pool(2);
+  const Index shapes[][3] = {{1, 1, 1}, {7, 33, 0}, {300, 70, 129}, {65, 3, 700}, {250, 100, 64}};
+  unsigned seed = 400;
+  for (const auto& s : shapes) {
+    for (Eigen::ThreadPoolInterface* pl : {static_cast<Eigen::ThreadPoolInterface*>(nullptr),
+                                           static_cast<Eigen::ThreadPoolInterface*>(&pool)}) {
+      Case<T> c(s[0], s[1], s[2], 3, seed % 2 == 0, seed);
+      gemm::multiply<T>(c.M, c.N, c.K, c.a.data(), c.lda, c.b.data(), c.ldb, c.bias_ptr(), c.c.data(), c.ldc, pl);
+      c.expect_near_exact();
+      ++seed;
+    }
   }
 }
 

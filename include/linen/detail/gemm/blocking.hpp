@@ -11,9 +11,10 @@
 // 16 registers (AVX2, SSE, NEON): 6 x 2 = 12 + 2 + 1 = 15. Measured on Zen 5 (float,
 // AVX-512, one thread, the layer's shapes), 14 x 2 at KC 512 gave 180-195 GFLOP/s, ahead of
 // 12 x 2 (170-185), 8 x 3 (155-177) and 6 x 4 (157-175); KC 256 or 128 cost 5-15%
-// (the C tile is reloaded once per depth block, A and B packed in more passes). The panels are read in the order they are packed, so
-// the blocking changes speed only: every element of C is one chain of fused multiply-adds
-// over k in order, whatever MR, NR, KC, MC, NC (see kernel.hpp).
+// (the C tile is reloaded once per depth block, A and B packed in more passes). The
+// panels are read in the order they are packed, so the blocking changes speed only:
+// every element of C is one chain of fused multiply-adds over k in order, whatever MR,
+// NR, KC, MC, NC (see kernel.hpp).
 #ifndef LINEN_DETAIL_GEMM_BLOCKING_HPP
 #define LINEN_DETAIL_GEMM_BLOCKING_HPP
 

@@ -127,7 +127,8 @@ void gemm_outputs(Index M, Index K, const T* A, Index lda, const Output<T>* outs
   // Row blocks: at most MC rows, a multiple of MR, as many blocks as a multiple of the
   // workers so that the shares are even.
   Index blocks = (M + Blk::MC - 1) / Blk::MC;
-  if (pool_threads > 1) blocks = std::min<Index>((blocks + pool_threads - 1) / pool_threads * pool_threads, (M + MR - 1) / MR);
+  if (pool_threads > 1)
+    blocks = std::min<Index>((blocks + pool_threads - 1) / pool_threads * pool_threads, (M + MR - 1) / MR);
   const Index mc = ((M + blocks - 1) / blocks + MR - 1) / MR * MR;
   blocks = (M + mc - 1) / mc;
   const int workers = static_cast<int>(std::min<Index>(pool_threads, blocks));
