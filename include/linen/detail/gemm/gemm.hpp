@@ -124,13 +124,13 @@ void gemm_outputs(Index M, Index K, const T* A, Index lda, const Output<T>* outs
 
   const double flops = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
   const int pool_threads = flops >= kParallelMinFlops ? pool_workers(pool) : 1;
-  // Row blocks: at most MC rows, a multiple of MR, as many blocks as a multiple of the
-  // workers so that the shares are even.
+  // Row blocks: runs of whole MR-row tiles, at most MC rows, as many blocks as a multiple
+  // of the workers, the tiles shared evenly among them (blocks of equal rows rounded up to
+  // MR gave one worker 280 rows and the other 232 at M = 512 on two threads).
+  const Index tiles = (M + MR - 1) / MR;
   Index blocks = (M + Blk::MC - 1) / Blk::MC;
-  if (pool_threads > 1)
-    blocks = std::min<Index>((blocks + pool_threads - 1) / pool_threads * pool_threads, (M + MR - 1) / MR);
-  const Index mc = ((M + blocks - 1) / blocks + MR - 1) / MR * MR;
-  blocks = (M + mc - 1) / mc;
+  if (pool_threads > 1) blocks = std::min<Index>((blocks + pool_threads - 1) / pool_threads * pool_threads, tiles);
+  const Index mc = (tiles + blocks - 1) / blocks * MR;  // the most rows of one block
   const int workers = static_cast<int>(std::min<Index>(pool_threads, blocks));
 
   const Index kc_max = std::min<Index>(K, Blk::KC);
@@ -162,7 +162,8 @@ void gemm_outputs(Index M, Index K, const T* A, Index lda, const Output<T>* outs
       });
       // The row blocks: pack A's block, then every tile of it against every panel.
       parallel_for(pool, workers, blocks, [&](int, Index blk) {
-        const Index i0 = blk * mc, mb = std::min(mc, M - i0);
+        const auto [t0, t1] = share(tiles, static_cast<int>(blocks), static_cast<int>(blk));
+        const Index i0 = t0 * MR, mb = std::min(t1 * MR, M) - i0;
         T* packed_a = packed_a_buffer<T>().get(mc * kc);
         pack_a<MR>(mb, kc, A + i0 * lda + k0, lda, packed_a);
         for (Index q = 0; q < npan; ++q) {
