@@ -9,8 +9,11 @@
 //                                 blocks as the projections did before linen's GEMM
 //   BM_gemm_cblas/M/N/K/threads   cblas_sgemm (+ bias), only in a LINEN_USE_BLAS build;
 //                                 rows split over the pool the same way (run it with the
-//                                 BLAS library's own threads off: OPENBLAS_NUM_THREADS=1)
-// GFLOP/s counts 2 M N K. The FMA peak of one thread is 2 x lanes x FMA pipes x clock
+//                                 BLAS library's own threads off: OPENBLAS_NUM_THREADS=1;
+//                                 Debian's OpenBLAS 0.3.21 takes its AVX2 Haswell kernels
+//                                 on Zen 5 unless OPENBLAS_CORETYPE=SKYLAKEX)
+// GFLOP/s counts 2 M N K; q, k, v as one product is the N = 3E row against three times
+// the N = E row. The FMA peak of one thread is 2 x lanes x FMA pipes x clock
 // (AVX-512 on Zen 5: 2 x 16 x 2 x 3.5 GHz = 225 GFLOP/s).
 #include <algorithm>
 #include <memory>
