@@ -651,7 +651,8 @@ class MultiHeadDotProductAttention {
         return;
       }
     }
-    Dense::template apply_rows<I>(p, config_.use_bias, x, M, y, scratch, by_row);
+    Dense::template apply_rows<I>(p, config_.use_bias, x, M, y, scratch, by_row,
+                                  by_row ? nullptr : config_.thread_pool);
   }
 
   // Projects x [batch..., len, features] (parameters checked) to [B, len, heads, head_dim].
@@ -660,6 +661,38 @@ class MultiHeadDotProductAttention {
     Tensor<T, 4> y(B, len, p.kernel.dimension(1), p.kernel.dimension(2));
     dense_rows<QKVDense>(p, x.data(), B * len, y.data(), nullptr, by_row);
     return y;
+  }
+
+  // q, k, v projected as one GEMM (the input packed once for the three kernels: what the
+  // three projections give, bit for bit) when they share their input (self-attention),
+  // the types are float/double alike and it is not a decode step. Returns false, having
+  // done nothing, otherwise.
+  template <class XQ, class XK, class XV>
+  bool project_shared(const Params& params, const XQ& xq, const XK& xk, const XV& xv, Index B, Index len, bool by_row,
+                      Tensor<T, 4>& q, Tensor<T, 4>& k, Tensor<T, 4>& v) const {
+    using I = typename detail::tensor_traits<XQ>::scalar;
+    if constexpr (std::is_same_v<I, T> && std::is_same_v<typename detail::tensor_traits<XK>::scalar, T> &&
+                  std::is_same_v<typename detail::tensor_traits<XV>::scalar, T> && std::is_same_v<ParamT, T> &&
+                  std::is_same_v<accum_t<T>, T>) {
+      if (by_row || xq.data() != xk.data() || xq.data() != xv.data() || shape_of(xq) != shape_of(xk) ||
+          shape_of(xq) != shape_of(xv))
+        return false;
+      const DenseParams<ParamT, 1, 2>* p[3] = {&params.query, &params.key, &params.value};
+      Tensor<T, 4>* y[3] = {&q, &k, &v};
+      for (int g = 0; g < 3; ++g) y[g]->resize(B, len, p[g]->kernel.dimension(1), p[g]->kernel.dimension(2));
+      const T* const w[3] = {p[0]->kernel.data(), p[1]->kernel.data(), p[2]->kernel.data()};
+      const Index n[3] = {q.dimension(2) * q.dimension(3), k.dimension(2) * k.dimension(3),
+                          v.dimension(2) * v.dimension(3)};
+      const T* const bias[3] = {config_.use_bias ? p[0]->bias.data() : nullptr,
+                                config_.use_bias ? p[1]->bias.data() : nullptr,
+                                config_.use_bias ? p[2]->bias.data() : nullptr};
+      T* const out[3] = {q.data(), k.data(), v.data()};
+      detail::project_qkv<T>(config_.thread_pool, B * len, p[0]->kernel.dimension(0), xq.data(), w, n, bias, out);
+      return true;
+    } else {
+      (void)params, (void)xq, (void)xk, (void)xv, (void)B, (void)len, (void)by_row, (void)q, (void)k, (void)v;
+      return false;
+    }
   }
 
   // The output projection: x [B * lq, H, head_dim] -> y [B * lq, out_features].
@@ -717,9 +750,12 @@ class MultiHeadDotProductAttention {
     }
 
     const bool by_row = cache != nullptr;
-    Tensor<T, 4> query = project(params.query, inputs_q, B, lq, by_row);
-    Tensor<T, 4> key = project(params.key, inputs_k, B, ks[ks.size() - 2], by_row);
-    Tensor<T, 4> value = project(params.value, inputs_v, B, vs[vs.size() - 2], by_row);
+    Tensor<T, 4> query, key, value;
+    if (!project_shared(params, inputs_q, inputs_k, inputs_v, B, lq, by_row, query, key, value)) {
+      query = project(params.query, inputs_q, B, lq, by_row);
+      key = project(params.key, inputs_k, B, ks[ks.size() - 2], by_row);
+      value = project(params.value, inputs_v, B, vs[vs.size() - 2], by_row);
+    }
     if constexpr (kRecord) record_inputs(*tape, s.num_heads, s.head_dim, s.out_features, inputs_q, inputs_k, inputs_v);
     if (config_.normalize_qk) {
       if constexpr (kRecord) {

@@ -12,8 +12,10 @@
 #include <vector>
 
 #include <Eigen/Core>
+#include <unsupported/Eigen/CXX11/ThreadPool>
 
 #include "detail/broadcast.hpp"
+#include "detail/gemm/product.hpp"
 #include "errors.hpp"
 #include "initializers.hpp"
 #include "module.hpp"
@@ -123,13 +125,19 @@ class DenseGeneral {
 
   // The core of apply_raw: y[m, out] = x[m, in] . kernel[in, out] (+ bias), with in and
   // out the products of the kernel's input and feature dims (the caller has checked the
-  // parameters). float/double with matching types multiply in place and allocate nothing
-  // beyond Eigen's product; other types promote into `scratch` (local when null).
+  // parameters). float/double with matching types multiply in place with linen's GEMM
+  // (detail/gemm/product.hpp: its packing buffers are kept per thread, so repeated calls
+  // allocate nothing; a LINEN_USE_BLAS build calls CBLAS instead); other types promote
+  // into `scratch` (local when null) and multiply in float. `pool` (may be null) spreads
+  // the product's row blocks over its threads; with linen's GEMM the bits do not depend on
+  // it.
+  // by_row: one matrix-vector product per row on the calling thread (what a decode step
+  // does: Eigen's vector product allocates nothing, and packing the kernel for one row
+  // would cost more than the product).
   template <class I>
-  // by_row: one matrix-vector product per row (what a decode step does: Eigen's
-  // matrix-matrix product may allocate its blocking buffers, its vector product does not).
   static void apply_rows(const Params& p, bool use_bias, const I* x, Index m, T* y,
-                         detail::DenseScratch<accum_t<T>>* scratch = nullptr, bool by_row = false) {
+                         detail::DenseScratch<accum_t<T>>* scratch = nullptr, bool by_row = false,
+                         Eigen::ThreadPoolInterface* pool = nullptr) {
     using C = accum_t<T>;
     using RM = Eigen::Matrix<C, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     Index in = 1, out = 1;
@@ -139,13 +147,14 @@ class DenseGeneral {
     if constexpr (std::is_same_v<I, T> && std::is_same_v<ParamT, T> && std::is_same_v<C, T>) {
       // float/double with matching types: multiply in place, no copies.
       (void)scratch;
-      Eigen::Map<const RM> xm(x, m, in), km(p.kernel.data(), in, out);
       if (by_row) {
+        Eigen::Map<const RM> xm(x, m, in), km(p.kernel.data(), in, out);
         for (Index r = 0; r < m; ++r) ym.row(r).noalias() = xm.row(r) * km;
+        if (use_bias) ym.rowwise() += Eigen::Map<const Eigen::Matrix<C, 1, Eigen::Dynamic>>(p.bias.data(), out);
       } else {
-        ym.noalias() = xm * km;
+        detail::gemm::multiply<T>(m, out, in, x, in, p.kernel.data(), out, use_bias ? p.bias.data() : nullptr, y,
+                                  out, pool);
       }
-      if (use_bias) ym.rowwise() += Eigen::Map<const Eigen::Matrix<C, 1, Eigen::Dynamic>>(p.bias.data(), out);
     } else {
       // Flax's promote_dtype: cast inputs and params to T, then compute.
       detail::DenseScratch<C> local;
@@ -159,7 +168,7 @@ class DenseGeneral {
       if (by_row) {
         for (Index r = 0; r < m; ++r) acc.row(r).noalias() = xm.row(r) * km;
       } else {
-        acc.noalias() = xm * km;
+        detail::gemm::multiply<C>(m, out, in, s.x.data(), in, s.kernel.data(), out, nullptr, s.acc.data(), out, pool);
       }
       if (use_bias) {
         for (Index r = 0; r < m; ++r)

@@ -1,0 +1,135 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// The projections' matrix product, C[M, N] = A[M, K] B[K, N] + bias[N] in float, at the
+// shapes of the SelfAttention layer's projections (M = batch x length rows, K = E, N = E,
+// or 3E when q, k, v are one product):
+//   BM_gemm_linen/M/N/K/threads   linen's packed GEMM (detail/gemm/gemm.hpp), on an
+//                                 Eigen::ThreadPool of `threads` (1: no pool)
+//   BM_gemm_eigen/M/N/K/threads   Eigen's product (+ bias), rows split over the pool in
+//                                 blocks as the projections did before linen's GEMM
+//   BM_gemm_cblas/M/N/K/threads   cblas_sgemm (+ bias), only in a LINEN_USE_BLAS build;
+//                                 rows split over the pool the same way (run it with the
+//                                 BLAS library's own threads off: OPENBLAS_NUM_THREADS=1;
+//                                 Debian's OpenBLAS 0.3.21 takes its AVX2 Haswell kernels
+//                                 on Zen 5 unless OPENBLAS_CORETYPE=SKYLAKEX)
+// GFLOP/s counts 2 M N K; q, k, v as one product is the N = 3E row against three times
+// the N = E row. The FMA peak of one thread is 2 x lanes x FMA pipes x clock
+// (AVX-512 on Zen 5: 2 x 16 x 2 x 3.5 GHz = 225 GFLOP/s).
+#include <algorithm>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+#include <Eigen/Core>
+#include <unsupported/Eigen/CXX11/ThreadPool>
+
+#include <linen/detail/gemm/gemm.hpp>
+#include <linen/detail/parallel.hpp>
+#if defined(LINEN_HAS_CBLAS)
+#include <linen/detail/gemm/cblas.hpp>
+#endif
+
+namespace {
+
+using linen::Index;
+
+struct Problem {
+  Index M, N, K;
+  std::vector<float> a, b, bias, c;
+  Problem(Index m, Index n, Index k) : M(m), N(n), K(k), a(m * k), b(k * n), bias(n), c(m * n) {
+    std::mt19937 gen(1);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    for (auto* v : {&a, &b, &bias})
+      for (float& x : *v) x = u(gen);
+  }
+};
+
+void set_counters(benchmark::State& state, const Problem& p) {
+  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * double(p.M) * double(p.N) * double(p.K) * 1e-9,
+                                                 benchmark::Counter::kIsIterationInvariantRate);
+}
+
+std::unique_ptr<Eigen::ThreadPool> make_pool(Index threads) {
+  return threads > 1 ? std::make_unique<Eigen::ThreadPool>(static_cast<int>(threads)) : nullptr;
+}
+
+// Rows in blocks over the pool (the projections' split before linen's GEMM): f(r0, rows).
+template <class F>
+void by_row_blocks(Eigen::ThreadPoolInterface* pool, Index M, F&& f) {
+  const int threads = linen::detail::pool_workers(pool);
+  const Index block = std::max<Index>(64, (M + 2 * threads - 1) / (2 * threads));
+  const Index blocks = (M + block - 1) / block;
+  linen::detail::parallel_for(pool, static_cast<int>(std::min<Index>(threads, blocks)), blocks, [&](int, Index i) {
+    const Index r0 = i * block;
+    f(r0, std::min(block, M - r0));
+  });
+}
+
+void BM_gemm_linen(benchmark::State& state) {
+  Problem p(state.range(0), state.range(1), state.range(2));
+  const auto pool = make_pool(state.range(3));
+  for (auto _ : state) {
+    linen::detail::gemm::gemm<float>(p.M, p.N, p.K, p.a.data(), p.K, p.b.data(), p.N, p.bias.data(), p.c.data(), p.N,
+                                     pool.get());
+    benchmark::DoNotOptimize(p.c.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, p);
+}
+
+void BM_gemm_eigen(benchmark::State& state) {
+  using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  Problem p(state.range(0), state.range(1), state.range(2));
+  const auto pool = make_pool(state.range(3));
+  const Eigen::Map<const Mat> bm(p.b.data(), p.K, p.N);
+  const Eigen::Map<const Eigen::RowVectorXf> bias(p.bias.data(), p.N);
+  for (auto _ : state) {
+    by_row_blocks(pool.get(), p.M, [&](Index r0, Index rows) {
+      Eigen::Map<Mat> cm(p.c.data() + r0 * p.N, rows, p.N);
+      cm.noalias() = Eigen::Map<const Mat>(p.a.data() + r0 * p.K, rows, p.K) * bm;
+      cm.rowwise() += bias;
+    });
+    benchmark::DoNotOptimize(p.c.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, p);
+}
+
+#if defined(LINEN_HAS_CBLAS)
+void BM_gemm_cblas(benchmark::State& state) {
+  Problem p(state.range(0), state.range(1), state.range(2));
+  const auto pool = make_pool(state.range(3));
+  for (auto _ : state) {
+    by_row_blocks(pool.get(), p.M, [&](Index r0, Index rows) {
+      linen::detail::gemm::cblas_gemm<float>(rows, p.N, p.K, p.a.data() + r0 * p.K, p.K, p.b.data(), p.N,
+                                             p.bias.data(), p.c.data() + r0 * p.N, p.N);
+    });
+    benchmark::DoNotOptimize(p.c.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, p);
+}
+#endif
+
+// M, N, K, threads: the layer's projections at (B, L, E) = (1, 512, 512), (8, 128, 512),
+// (1, 2048, 512), (1, 4096, 256); N = E (one projection) and 3E (q, k, v in one).
+void gemm_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"M", "N", "K", "threads"});
+  for (Index threads : {1, 2}) {
+    for (Index m : {512, 1024, 2048}) {
+      b->Args({m, 512, 512, threads});
+      b->Args({m, 1536, 512, threads});
+    }
+    b->Args({4096, 256, 256, threads});
+    b->Args({4096, 768, 256, threads});
+  }
+  b->Unit(benchmark::kMicrosecond)->UseRealTime();
+}
+BENCHMARK(BM_gemm_linen)->Apply(gemm_shapes);
+BENCHMARK(BM_gemm_eigen)->Apply(gemm_shapes);
+#if defined(LINEN_HAS_CBLAS)
+BENCHMARK(BM_gemm_cblas)->Apply(gemm_shapes);
+#endif
+
+}  // namespace

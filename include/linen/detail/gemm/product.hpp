@@ -1,0 +1,74 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Internal: the products DenseGeneral and the modules' projections call, routed to one
+// backend:
+//   multiply<T>(M, N, K, A, lda, B, ldb, bias, C, ldc, pool)
+//       C[M, N] = A[M, K] B[K, N] (+ bias[N]; bias may be null), row-major
+//   multiply_outputs<T>(M, K, A, lda, outs, count, pool)
+//       the same for column groups sharing A (gemm.hpp's Output)
+// By default linen's own GEMM (gemm.hpp; the bits do not depend on the pool). A build
+// with LINEN_HAS_CBLAS (CMake option LINEN_USE_BLAS) calls cblas_sgemm / cblas_dgemm
+// instead, rows split over the pool in blocks (each block on one worker; run the BLAS
+// library's own threads off, e.g. OPENBLAS_NUM_THREADS=1, or it oversubscribes); then
+// the bits depend on the library and may depend on the split.
+#ifndef LINEN_DETAIL_GEMM_PRODUCT_HPP
+#define LINEN_DETAIL_GEMM_PRODUCT_HPP
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+
+#include <unsupported/Eigen/CXX11/ThreadPool>
+
+#include "../../tensor.hpp"
+#include "../parallel.hpp"
+#include "gemm.hpp"
+#if defined(LINEN_HAS_CBLAS)
+#include "cblas.hpp"
+#endif
+
+namespace linen {
+namespace detail {
+namespace gemm {
+
+template <class T>
+void multiply_outputs(Index M, Index K, const T* A, Index lda, const Output<T>* outs, int count,
+                      Eigen::ThreadPoolInterface* pool = nullptr) {
+#if defined(LINEN_HAS_CBLAS)
+  constexpr Index kIntMax = std::numeric_limits<int>::max();
+  bool fits = M <= kIntMax && K <= kIntMax && lda <= kIntMax;
+  double columns = 0;
+  for (int g = 0; g < count; ++g) {
+    fits = fits && outs[g].n <= kIntMax && outs[g].ldb <= kIntMax && outs[g].ldc <= kIntMax;
+    columns += static_cast<double>(std::max<Index>(outs[g].n, 0));
+  }
+  if (fits && M > 0) {
+    const double flops = static_cast<double>(M) * static_cast<double>(K) * columns;
+    const int threads = flops >= kParallelMinFlops ? pool_workers(pool) : 1;
+    const Index block = std::max<Index>(64, (M + 2 * threads - 1) / (2 * threads));
+    const Index blocks = (M + block - 1) / block;
+    parallel_for(pool, static_cast<int>(std::min<Index>(threads, blocks)), blocks, [&](int, Index i) {
+      const Index r0 = i * block, rows = std::min(block, M - r0);
+      for (int g = 0; g < count; ++g) {
+        const Output<T>& o = outs[g];
+        cblas_gemm<T>(rows, o.n, K, A + r0 * lda, lda, o.B, o.ldb, o.bias, o.C + r0 * o.ldc, o.ldc);
+      }
+    });
+    return;
+  }
+#endif
+  gemm_outputs<T>(M, K, A, lda, outs, count, pool);
+}
+
+template <class T>
+void multiply(Index M, Index N, Index K, const T* A, Index lda, const T* B, Index ldb, const T* bias, T* C, Index ldc,
+              Eigen::ThreadPoolInterface* pool = nullptr) {
+  const Output<T> out{B, ldb, N, bias, C, ldc};
+  multiply_outputs<T>(M, K, A, lda, &out, 1, pool);
+}
+
+}  // namespace gemm
+}  // namespace detail
+}  // namespace linen
+
+#endif  // LINEN_DETAIL_GEMM_PRODUCT_HPP
