@@ -236,6 +236,59 @@ inline P round_to(const P& x) {
   }
 }
 
+#if defined(EIGEN_VECTORIZE_AVX512)
+// bfloat16(x) lane by lane exactly as the scalar conversion rounds (to nearest even; NaN
+// to the quiet NaN of its sign; denormals kept, where vcvtneps2bf16 would flush them), in
+// the low 16 bits of each 32-bit lane.
+inline __m512i bf16_bits_rne(const ei::Packet16f& x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+  const __m512i nan = _mm512_or_si512(_mm512_srli_epi32(_mm512_and_si512(u, _mm512_set1_epi32(int(0x80000000u))), 16),
+                                      _mm512_set1_epi32(0x7FC0));
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, nan);
+}
+#endif
+
+// float(T(x)) lane by lane, bit for bit as the scalar static_cast<T> (round_to may flush
+// denormals where the target converts with vcvtneps2bf16).
+template <class T, class P>
+inline P round_exact(const P& x) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (is_float_packet_of<P, 16> && std::is_same_v<T, Eigen::bfloat16>) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits_rne(x), 16));
+  } else
+#endif
+  if constexpr (is_scalar_v<P> || std::is_same_v<T, scalar_t<P>>) {
+    return round_to<T>(x);
+  } else {
+    using C = scalar_t<P>;
+    alignas(64) C t[size_v<P>];
+    ei::pstoreu(t, x);
+    for (int i = 0; i < size_v<P>; ++i) t[i] = static_cast<C>(static_cast<T>(t[i]));
+    return ei::ploadu<P>(t);
+  }
+}
+
+// p[0, size_v<P>) = T(x), bit for bit as the scalar static_cast<T>.
+template <class T, class P>
+inline void store_as(T* p, const P& x) {
+  using C = scalar_t<P>;
+  if constexpr (std::is_same_v<T, C>) {
+    store<P>(p, x);
+#if defined(EIGEN_VECTORIZE_AVX512)
+  } else if constexpr (is_float_packet_of<P, 16> && std::is_same_v<T, Eigen::bfloat16>) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits_rne(x)));
+#endif
+  } else if constexpr (is_scalar_v<P>) {
+    *p = static_cast<T>(x);
+  } else {
+    alignas(64) C t[size_v<P>];
+    ei::pstoreu(t, x);
+    for (int i = 0; i < size_v<P>; ++i) p[i] = static_cast<T>(t[i]);
+  }
+}
+
 // size_v<P> elements of T at p, widened to the packet's type (exact).
 template <class P, class T>
 inline P load_as(const T* p) {

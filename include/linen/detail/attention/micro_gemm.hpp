@@ -88,6 +88,22 @@ struct StoreMax {
   }
 };
 
+// StoreMax of the policy's logit of acc (Flax: rounded to T): the logits pass folded into
+// the product's epilogue, where nothing else changes the logits.
+template <class P, class Policy>
+struct StoreLogitMax {
+  P* mx;
+  const Policy* pol;
+  template <class Q>
+  void finish(simd::scalar_t<P>* c, Index col, const Q& acc) const {
+    static_assert(std::is_same_v<Q, P>, "linen: StoreLogitMax serves whole strips of its packet type");
+    const P x = pol->template logit<P>(acc);
+    simd::store(c, x);
+    P& m = mx[col / simd::size_v<P>];
+    m = simd::max(m, x);
+  }
+};
+
 // --- the family --------------------------------------------------------------------------
 
 // One MR x NR block: C rows [0, MR) x columns [col0, col0 + NR * W).

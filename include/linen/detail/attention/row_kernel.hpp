@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -419,13 +420,20 @@ class RowKernel {
       }
     }
   }
+  // The pair (lo = p[0], hi = p[1]) in every lane, for weights already rounded to T (the
+  // high halves of their bits are the bfloat16 values).
+  static simd::bf16::Pairs weight_pair(const C* p) {
+    std::uint32_t u0, u1;
+    std::memcpy(&u0, p, sizeof u0);
+    std::memcpy(&u1, p + 1, sizeof u1);
+    return _mm512_set1_epi32(static_cast<int>((u0 >> 16) | (u1 & 0xFFFF0000u)));
+  }
   // o[0, Dv) += p[0] * v[0, Dv) + p[1] * v[vs, vs + Dv) (p already in T's values), the
   // two keys as pairs where 32 columns are whole.
   void axpy_pairs(const C* p, const T* v, Index vs, C* o) const {
     namespace b16 = simd::bf16;
     const Index Dv = a_.Dv;
-    T pp[2] = {static_cast<T>(p[0]), static_cast<T>(p[1])};
-    const b16::Pairs pv = b16::broadcast(pp);  // lo = p[0], hi = p[1]
+    const b16::Pairs pv = weight_pair(p);  // lo = p[0], hi = p[1]
     Index c = 0;
     for (; c + 32 <= Dv; c += 32) {
       b16::Pairs x0, x1;
@@ -445,8 +453,7 @@ class RowKernel {
       P acc0 = simd::mul(simd::load<P>(o + c), av), acc1 = simd::mul(simd::load<P>(o + c + 16), av);
       Index j = 0;
       for (; j + 2 <= nk; j += 2) {
-        T pp[2] = {static_cast<T>(p[j]), static_cast<T>(p[j + 1])};
-        const b16::Pairs pv = b16::broadcast(pp);
+        const b16::Pairs pv = weight_pair(p + j);
         b16::Pairs x0, x1;
         b16::interleave32(v + j * vs + c, v + (j + 1) * vs + c, x0, x1);
         acc0 = b16::dot2(acc0, pv, x0);

@@ -246,6 +246,20 @@ class Kernel {
             for (Index c = dw; c < a_.Dv; ++c) o0[i * a_.o_sl + c] = otb[c * QB + i];
         }
       }
+      if constexpr (!std::is_same_v<T, C> && !simd::is_scalar_v<P>) {
+        // half types: W x W blocks transposed in registers, then narrowed lane by lane
+        // (bit for bit as static_cast<T>)
+        const Index dw = a_.Dv / W * W;
+        alignas(64) C blockt[W * W];
+        for (; r + W <= nr; r += W) {
+          for (Index c = 0; c < dw; c += W) {
+            simd::transpose<P>(otb + c * QB + r, QB, blockt, W);
+            for (Index i = 0; i < W; ++i) simd::store_as<T>(o0 + (r + i) * a_.o_sl + c, simd::load<P>(blockt + i * W));
+          }
+          for (Index i = r; i < r + W; ++i)
+            for (Index c = dw; c < a_.Dv; ++c) o0[i * a_.o_sl + c] = static_cast<T>(otb[c * QB + i]);
+        }
+      }
       for (; r < nr; ++r)
         for (Index c = 0; c < a_.Dv; ++c) o0[r * a_.o_sl + c] = static_cast<T>(otb[c * QB + r]);
     }
@@ -384,17 +398,23 @@ class Kernel {
     }
     P mx[NR];
     for (int v = 0; v < NR; ++v) mx[v] = simd::set1<P>(Policy::initial_max());
+    // Where only the policy's logit changes the product (no bias, mask or causal cut
+    // here), it is applied in the product's epilogue instead of a pass of its own.
+    const bool to_logits = Policy::changes_logits() && !a_.bias;
+    const bool folded = to_logits && !u.mask_mixed && !u.causal_cut;
+    auto product = [&](const auto& epi) {
 #if LINEN_SIMD_HAS_BF16_DOT
-    if constexpr (kPairs) {
-      gemm::pair_strip<MR, NR, true>(nk, a_.D, a_.key + b * a_.k_sb + j0 * a_.k_sl + h * a_.k_sh, a_.k_sl, 0,
-                                     reinterpret_cast<const Eigen::bfloat16*>(scratch + off_qp_ + blk * ((a_.D + 1) / 2) * QB),
-                                     2 * QB, st, QB, 0, gemm::Zero{}, gemm::StoreMax<P>{mx});
-    } else
+      if constexpr (kPairs) {
+        gemm::pair_strip<MR, NR, true>(nk, a_.D, a_.key + b * a_.k_sb + j0 * a_.k_sl + h * a_.k_sh, a_.k_sl, 0,
+                                       reinterpret_cast<const Eigen::bfloat16*>(scratch + off_qp_ + blk * ((a_.D + 1) / 2) * QB),
+                                       2 * QB, st, QB, 0, gemm::Zero{}, epi);
+        return;
+      }
 #endif
-    {
-      gemm::strip<P, MR, NR>(nk, a_.D, k, ks, 1, scratch + off_qt_ + blk * a_.D * QB, QB, st, QB, 0, gemm::Zero{},
-                             gemm::StoreMax<P>{mx});
-    }
+      gemm::strip<P, MR, NR>(nk, a_.D, k, ks, 1, scratch + off_qt_ + blk * a_.D * QB, QB, st, QB, 0, gemm::Zero{}, epi);
+    };
+    if (folded) product(gemm::StoreLogitMax<P, Policy>{mx, &pol_});
+    else product(gemm::StoreMax<P>{mx});
 
     // Bias and a mixed mask, row by row (lanes are rows: strided writes into S^T); the
     // bias meets the logit as the policy makes it from the product.
@@ -419,8 +439,7 @@ class Kernel {
     // Pass 1 when anything changes the logits after the product: the policy's logit
     // (Flax: rounding to T, for half types; done above with the bias), bias, mask, the
     // causal cut; recomputes the max.
-    const bool to_logits = Policy::changes_logits() && !a_.bias;
-    if (to_logits || a_.bias || u.mask_mixed || u.causal_cut) {
+    if ((to_logits && !folded) || a_.bias || u.mask_mixed || u.causal_cut) {
       const P lowv = simd::set1<P>(low);
       const P lanes = simd::iota<P>(C(0));
       for (int v = 0; v < NR; ++v) mx[v] = simd::set1<P>(Policy::initial_max());
