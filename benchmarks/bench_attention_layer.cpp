@@ -4,6 +4,7 @@
 // projections, attention, the output projection), inputs [B, L, E], H heads of E/H:
 //   BM_self_attention/B/L/E/H            the default attention_fn (the fused kernel)
 //   BM_self_attention_reference/B/L/E/H  attention_fn forced to Implementation::Reference
+//   BM_self_attention_bf16/B/L/E/H       bfloat16 activations, float32 params
 //   BM_self_attention_causal/.../flag:0  make_causal_mask passed as the call's mask
 //   BM_self_attention_causal/.../flag:1  attention_fn setting is_causal (no mask tensor)
 //   BM_self_attention_threads/.../threads:1|2  an Eigen::ThreadPool of 1 or 2 threads as
@@ -102,6 +103,25 @@ void layer_shapes(benchmark::internal::Benchmark* b) {
       ->UseRealTime();
 }
 BENCHMARK(BM_self_attention)->Apply(layer_shapes);
+
+// The same layer with bfloat16 activations and float32 params (Flax's dtype=bfloat16,
+// param_dtype=float32); compare its time with BM_self_attention's row.
+void BM_self_attention_bf16(benchmark::State& state) {
+  using Bf = Eigen::bfloat16;
+  const Index b = state.range(0), l = state.range(1), e = state.range(2);
+  linen::AttentionConfig<Bf, float> config;
+  config.num_heads = state.range(3);
+  const linen::SelfAttention<Bf, float> layer(config);
+  const linen::Tensor<Bf, 3> x = random_inputs(b, l, e, 1).cast<Bf>();
+  const auto variables = layer.init(linen::random::key(0), x);
+  for (auto _ : state) {
+    linen::Tensor<Bf, 3> y = layer.apply(variables, x);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(layer_flops(b, l, e) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_self_attention_bf16)->Apply(layer_shapes);
 BENCHMARK(BM_self_attention_reference)->Apply(layer_shapes);
 
 void BM_self_attention_causal(benchmark::State& state) {

@@ -463,9 +463,9 @@ class MultiHeadDotProductAttention {
     const Index B = cache.cached_key.dimension(0), H = config_.num_heads, dh = cache.cached_key.dimension(3),
                 F = H * dh;
     for (auto* buf : {&ws.q, &ws.k, &ws.v, &ws.x}) buf->resize(static_cast<std::size_t>(B * F));
-    dense_rows<QKVDense>(params.query, inputs_q.data(), B, ws.q.data(), &ws.dense, true);
-    dense_rows<QKVDense>(params.key, inputs_q.data(), B, ws.k.data(), &ws.dense, true);
-    dense_rows<QKVDense>(params.value, inputs_q.data(), B, ws.v.data(), &ws.dense, true);
+    detail::decode::kept_rows<QKVDense>(ws.kept[0], params.query, config_.use_bias, inputs_q.data(), B, ws.q.data(), ws.dense);
+    detail::decode::kept_rows<QKVDense>(ws.kept[1], params.key, config_.use_bias, inputs_q.data(), B, ws.k.data(), ws.dense);
+    detail::decode::kept_rows<QKVDense>(ws.kept[2], params.value, config_.use_bias, inputs_q.data(), B, ws.v.data(), ws.dense);
     if (config_.normalize_qk) {
       qk_norm_instance().apply_rows(params.query_ln, ws.q.data(), B * H, dh, ws.q.data());
       qk_norm_instance().apply_rows(params.key_ln, ws.k.data(), B * H, dh, ws.k.data());
@@ -481,7 +481,7 @@ class MultiHeadDotProductAttention {
     }
     detail::decode::write(cache, ws.k.data(), ws.v.data(), 1);
     detail::decode::attend(cache, ws.q.data(), 1, mask, ws.x.data(), config_.thread_pool, &ws.row);
-    project_out(params, ws.x.data(), B, out.data(), &ws.dense, true);
+    detail::decode::kept_rows<OutDense>(ws.kept[3], params.out, config_.use_bias, ws.x.data(), B, out.data(), ws.dense);
   }
 
   // A zero decode cache for `batch` ([batch...]) sequences of up to `max_length`

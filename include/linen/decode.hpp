@@ -38,10 +38,23 @@ struct AttentionCache {
 // mask) shapes it validated, so that steps alternating between caches of different
 // max_length (or between modules) neither re-validate nor allocate; it grows to the
 // largest step it has served.
+// Where the parameters need promotion to T (param_dtype other than T, or half types: Flax
+// casts the kernels to dtype, linen multiplies them in float), the workspace keeps each
+// projection kernel promoted (4 x in x out values in accum_t<T>: 4 MiB at features 512),
+// so a step reads the kernels once instead of converting them. A kept kernel is remade
+// when its parameter tensor changes address or size, or when any of 64 values sampled
+// across it changes. Contract: after changing parameter values in place in any other way
+// (editing a few entries), call forget_parameters() before the next step. One set is
+// kept: a workspace alternating between modules promotes again at each change.
 template <class T>
 class DecodeWorkspace {
  public:
   DecodeWorkspace() = default;
+
+  // Drops the kept (promoted) kernels: the next step promotes the parameters again.
+  void forget_parameters() {
+    for (auto& k : state_.kept) k.forget();
+  }
 
  private:
   friend struct detail::decode::Access;

@@ -17,6 +17,9 @@
 #include <type_traits>
 
 #include <Eigen/Core>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace linen {
 namespace detail {
@@ -233,6 +236,59 @@ inline P round_to(const P& x) {
   }
 }
 
+#if defined(EIGEN_VECTORIZE_AVX512)
+// bfloat16(x) lane by lane exactly as the scalar conversion rounds (to nearest even; NaN
+// to the quiet NaN of its sign; denormals kept, where vcvtneps2bf16 would flush them), in
+// the low 16 bits of each 32-bit lane.
+inline __m512i bf16_bits_rne(const ei::Packet16f& x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+  const __m512i nan = _mm512_or_si512(_mm512_srli_epi32(_mm512_and_si512(u, _mm512_set1_epi32(int(0x80000000u))), 16),
+                                      _mm512_set1_epi32(0x7FC0));
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, nan);
+}
+#endif
+
+// float(T(x)) lane by lane, bit for bit as the scalar static_cast<T> (round_to may flush
+// denormals where the target converts with vcvtneps2bf16).
+template <class T, class P>
+inline P round_exact(const P& x) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (is_float_packet_of<P, 16> && std::is_same_v<T, Eigen::bfloat16>) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits_rne(x), 16));
+  } else
+#endif
+  if constexpr (is_scalar_v<P> || std::is_same_v<T, scalar_t<P>>) {
+    return round_to<T>(x);
+  } else {
+    using C = scalar_t<P>;
+    alignas(64) C t[size_v<P>];
+    ei::pstoreu(t, x);
+    for (int i = 0; i < size_v<P>; ++i) t[i] = static_cast<C>(static_cast<T>(t[i]));
+    return ei::ploadu<P>(t);
+  }
+}
+
+// p[0, size_v<P>) = T(x), bit for bit as the scalar static_cast<T>.
+template <class T, class P>
+inline void store_as(T* p, const P& x) {
+  using C = scalar_t<P>;
+  if constexpr (std::is_same_v<T, C>) {
+    store<P>(p, x);
+#if defined(EIGEN_VECTORIZE_AVX512)
+  } else if constexpr (is_float_packet_of<P, 16> && std::is_same_v<T, Eigen::bfloat16>) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits_rne(x)));
+#endif
+  } else if constexpr (is_scalar_v<P>) {
+    *p = static_cast<T>(x);
+  } else {
+    alignas(64) C t[size_v<P>];
+    ei::pstoreu(t, x);
+    for (int i = 0; i < size_v<P>; ++i) p[i] = static_cast<T>(t[i]);
+  }
+}
+
 // size_v<P> elements of T at p, widened to the packet's type (exact).
 template <class P, class T>
 inline P load_as(const T* p) {
@@ -288,6 +344,90 @@ inline void convert(const T* src, C* dst, std::ptrdiff_t n) {
     for (; i < n; ++i) dst[i] = static_cast<C>(src[i]);
   }
 }
+
+// --- bfloat16 pair products (avx512_bf16: vdpbf16ps) -----------------------------------
+//
+// Where the compiler targets avx512_bf16, a 16-lane float packet accumulates pairs of
+// bfloat16 products in one instruction: each 32-bit lane of the operands holds two
+// bfloat16 (a "pair": the low and the high 16 bits), and
+//   dot2(acc, a, b)[i] = (acc[i] + a.hi[i] * b.hi[i]) + a.lo[i] * b.lo[i],
+// measured on Zen 5 as two float FMAs in that order, each rounded to nearest even (the
+// products of two bfloat16 are exact in float, so each step is one rounded addition),
+// as Intel's SDM states it, with denormal operands (inputs and the accumulator) read as
+// zero and denormal results (the intermediate sum and the output) flushed to zero,
+// whatever MXCSR says. A pair laid out (hi = element t, lo = element t + 1) so gives
+// exactly the fmadd chain over t of the widened operands, except at denormals.
+#if defined(__AVX512BF16__) && defined(EIGEN_VECTORIZE_AVX512)
+#define LINEN_SIMD_HAS_BF16_DOT 1
+#else
+#define LINEN_SIMD_HAS_BF16_DOT 0
+#endif
+
+// Whether packets of type P (float, 16 lanes) have the pair product in this TU.
+template <class P>
+inline constexpr bool has_bf16_dot_v = LINEN_SIMD_HAS_BF16_DOT && is_float_packet_of<P, 16>;
+
+#if LINEN_SIMD_HAS_BF16_DOT
+namespace bf16 {
+using Pairs = __m512i;  // 16 pairs of bfloat16
+using Packet = ei::Packet16f;
+
+inline std::uint32_t bits32(const Eigen::bfloat16* p) {
+  std::uint32_t u;
+  std::memcpy(&u, p, sizeof u);
+  return u;
+}
+inline std::uint32_t bits16(const Eigen::bfloat16* p) {
+  std::uint16_t h;
+  std::memcpy(&h, p, sizeof h);
+  return h;
+}
+// 32 bfloat16 at p (16 pairs in memory order: lo = p[2i], hi = p[2i + 1]).
+inline Pairs load(const Eigen::bfloat16* p) { return _mm512_loadu_si512(p); }
+inline Pairs load(const std::uint32_t* p) { return _mm512_loadu_si512(p); }
+inline void store(std::uint32_t* p, const Pairs& x) { _mm512_storeu_si512(p, x); }
+// The pair (lo = p[0], hi = p[1]) in every lane.
+inline Pairs broadcast(const Eigen::bfloat16* p) { return _mm512_set1_epi32(static_cast<int>(bits32(p))); }
+// The pair (lo = p[1], hi = p[0]) in every lane: memory order swapped, so that p[0] is
+// accumulated first.
+inline Pairs broadcast_swapped(const Eigen::bfloat16* p) {
+  return _mm512_ror_epi32(_mm512_set1_epi32(static_cast<int>(bits32(p))), 16);
+}
+// The pair (lo = 0, hi = p[0]) in every lane (a last element alone: 0 * 0 adds nothing).
+inline Pairs broadcast_high(const Eigen::bfloat16* p) { return _mm512_set1_epi32(static_cast<int>(bits16(p) << 16)); }
+inline Packet dot2(const Packet& acc, const Pairs& a, const Pairs& b) {
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<const __m512bh&>(a), reinterpret_cast<const __m512bh&>(b));
+}
+// Lane i = (hi = bf16(hi[i]), lo = bf16(lo[i])), rounded to nearest even (denormals to 0).
+inline Pairs pack(const Packet& hi, const Packet& lo) {
+  const __m512bh h = _mm512_cvtne2ps_pbh(hi, lo);  // words 0-15: lo, 16-31: hi
+  const __m512i t = reinterpret_cast<const __m512i&>(h);
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
+                                       5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(idx, t);
+}
+// Lane i = (hi = a[i], lo = b[i]) for 16 bfloat16 at a and at b.
+inline Pairs interleave(const Eigen::bfloat16* a, const Eigen::bfloat16* b) {
+  const __m512i t = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b))),
+                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)), 1);
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
+                                       5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(idx, t);
+}
+// Lanes i < 16: (lo = a[i], hi = b[i]) (`first`), and (lo = a[16 + i], hi = b[16 + i])
+// (`second`), for 32 bfloat16 at a and at b.
+inline void interleave32(const Eigen::bfloat16* a, const Eigen::bfloat16* b, Pairs& first, Pairs& second) {
+  const __m512i x = _mm512_loadu_si512(a), y = _mm512_loadu_si512(b);
+  const __m512i i0 = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                      5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i i1 = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54, 22,
+                                      53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  first = _mm512_permutex2var_epi16(x, i0, y);
+  second = _mm512_permutex2var_epi16(x, i1, y);
+}
+inline float hsum(const Packet& x) { return ei::predux(x); }
+}  // namespace bf16
+#endif
 
 }  // namespace simd
 }  // namespace detail

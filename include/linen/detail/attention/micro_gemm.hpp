@@ -88,6 +88,22 @@ struct StoreMax {
   }
 };
 
+// StoreMax of the policy's logit of acc (Flax: rounded to T): the logits pass folded into
+// the product's epilogue, where nothing else changes the logits.
+template <class P, class Policy>
+struct StoreLogitMax {
+  P* mx;
+  const Policy* pol;
+  template <class Q>
+  void finish(simd::scalar_t<P>* c, Index col, const Q& acc) const {
+    static_assert(std::is_same_v<Q, P>, "linen: StoreLogitMax serves whole strips of its packet type");
+    const P x = pol->template logit<P>(acc);
+    simd::store(c, x);
+    P& m = mx[col / simd::size_v<P>];
+    m = simd::max(m, x);
+  }
+};
+
 // --- the family --------------------------------------------------------------------------
 
 // One MR x NR block: C rows [0, MR) x columns [col0, col0 + NR * W).
@@ -147,6 +163,71 @@ inline void product(Index M, Index N, Index K, const simd::scalar_t<P>* A, Index
   if constexpr (W > 1)
     for (; n < N; ++n) strip<S, MR, 1>(M, K, A, am, at, B + n, bt, Cm + n, cm, n, init, epi);
 }
+
+// --- the pair member: bfloat16 operands, avx512_bf16 (simd::bf16::dot2) --------------
+//
+// The same product with A and B in bfloat16 and two steps of t per instruction:
+//   Cm[m * cm + n] = init + sum_t A(m, t) * B(t, n),  t < K, in t order,
+// B laid out in pairs (Bp[tp * bp + n * 2 + {0, 1}] = {B(2tp + 1, n), B(2tp, n)}, so that
+// t = 2tp is accumulated first; bp in bfloat16 elements, a pair row padded to whole
+// packets; for odd K the last pair's t = K (low half) is 0). A(m, t) is either read in
+// place, t contiguous (kInPlace: A + m * am + t; a pair is swapped in registers, and the
+// last element of an odd K is read alone), or from a pair-packed copy (A + m * am + tp * ap
+// holds {A(m, 2tp + 1), A(m, 2tp)}; then K is even). Every element of C is then the fmadd
+// chain of the float family over t in order, except that vdpbf16ps reads denormal inputs
+// as 0 and flushes denormal sums to 0 (simd.hpp).
+#if LINEN_SIMD_HAS_BF16_DOT
+template <int MR, int NR, bool kInPlace, class Init, class Epi>
+inline void pair_block(Index K, const Eigen::bfloat16* A, Index am, Index ap, const Eigen::bfloat16* Bp, Index bp,
+                       float* Cm, Index cm, Index col0, const Init& init, const Epi& epi) {
+  namespace b16 = simd::bf16;
+  using P = b16::Packet;
+  constexpr int W = 16;
+  P acc[MR][NR];
+  unroll<MR>([&](auto m) {
+    unroll<NR>([&](auto n) { acc[m][n] = init.template start<P>(Cm + m * cm + n * W, col0 + n * W); });
+  });
+  const Index pairs = K / 2;
+  for (Index tp = 0; tp < pairs; ++tp) {
+    b16::Pairs b[NR];
+    unroll<NR>([&](auto n) { b[n] = b16::load(Bp + tp * bp + n * 2 * W); });
+    unroll<MR>([&](auto m) {
+      const b16::Pairs x = kInPlace ? b16::broadcast_swapped(A + m * am + 2 * tp) : b16::broadcast(A + m * am + tp * ap);
+      unroll<NR>([&](auto n) { acc[m][n] = b16::dot2(acc[m][n], x, b[n]); });
+    });
+  }
+  if (K % 2 != 0) {
+    b16::Pairs b[NR];
+    unroll<NR>([&](auto n) { b[n] = b16::load(Bp + pairs * bp + n * 2 * W); });
+    unroll<MR>([&](auto m) {
+      const b16::Pairs x = b16::broadcast_high(A + m * am + (kInPlace ? 2 * pairs : pairs * ap + 1));
+      unroll<NR>([&](auto n) { acc[m][n] = b16::dot2(acc[m][n], x, b[n]); });
+    });
+  }
+  unroll<MR>([&](auto m) {
+    unroll<NR>([&](auto n) { epi.finish(Cm + m * cm + n * W, col0 + n * W, acc[m][n]); });
+  });
+}
+
+template <int M, int NR, bool kInPlace, class Init, class Epi>
+inline void pair_rest(Index m, Index K, const Eigen::bfloat16* A, Index am, Index ap, const Eigen::bfloat16* Bp,
+                      Index bp, float* Cm, Index cm, Index col0, const Init& init, const Epi& epi) {
+  if constexpr (M >= 1) {
+    if (m == M) pair_block<M, NR, kInPlace>(K, A, am, ap, Bp, bp, Cm, cm, col0, init, epi);
+    else pair_rest<M - 1, NR, kInPlace>(m, K, A, am, ap, Bp, bp, Cm, cm, col0, init, epi);
+  }
+}
+
+// One strip of NR packets of columns (every column of B's pair rows is whole): full
+// blocks of MR rows, then one remainder block.
+template <int MR, int NR, bool kInPlace, class Init, class Epi>
+inline void pair_strip(Index M, Index K, const Eigen::bfloat16* A, Index am, Index ap, const Eigen::bfloat16* Bp,
+                       Index bp, float* Cm, Index cm, Index col0, const Init& init, const Epi& epi) {
+  Index m = 0;
+  for (; m + MR <= M; m += MR) pair_block<MR, NR, kInPlace>(K, A + m * am, am, ap, Bp, bp, Cm + m * cm, cm, col0, init, epi);
+  if (m < M) pair_rest<MR - 1, NR, kInPlace>(M - m, K, A + m * am, am, ap, Bp, bp, Cm + m * cm, cm, col0, init, epi);
+}
+#endif
 
 // Register blockings: MR rows x NR packets of accumulators, plus NR operand packets and
 // one broadcast.

@@ -80,10 +80,11 @@ struct FlaxLogits {
   template <class P>
   void query_row(const T* q, C* dst, Index n) const {
     Index c = 0;
-    if constexpr (std::is_same_v<T, C> && !simd::is_scalar_v<P>) {
+    if constexpr (!simd::is_scalar_v<P>) {
+      // half types: widened (exact), divided in C, rounded as the scalar query() rounds
       constexpr int W = simd::size_v<P>;
-      const P s = simd::set1<P>(query_scale);
-      for (; c + W <= n; c += W) simd::store(dst + c, simd::div(simd::load<P>(q + c), s));
+      const P s = simd::set1<P>(static_cast<C>(query_scale));
+      for (; c + W <= n; c += W) simd::store(dst + c, simd::round_exact<T>(simd::div(simd::load_as<P>(q + c), s)));
     }
     for (; c < n; ++c) dst[c] = query(q[c]);
   }

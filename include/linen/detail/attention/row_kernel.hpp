@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -56,6 +57,9 @@ class RowKernel {
   static_assert(std::is_same_v<simd::scalar_t<P>, C>, "linen: packet type must hold accum_t<T>");
   static constexpr int W = simd::size_v<P>;
   static constexpr bool kWiden = !std::is_same_v<T, C>;
+  // bfloat16 with avx512_bf16: q.k (and p V where the policy rounds the weights to T) as
+  // pair products (simd::bf16::dot2), reading K and V as they lie.
+  static constexpr bool kPairs = simd::has_bf16_dot_v<P> && std::is_same_v<T, Eigen::bfloat16>;
 
   explicit RowKernel(const AttentionProblem<T>& a) : a_(a), pol_(a) {
     tk_ = a.tuning.tile_keys > 0 ? a.tuning.tile_keys : 64;
@@ -71,7 +75,8 @@ class RowKernel {
     state_ = a.Dv + 2;  // O[Dv], m, l
     auto round = [](Index n) { return (n + 15) / 16 * 16; };
     off_qs_ = 0;
-    off_s_ = off_qs_ + round(a.H * a.Lq * a.D);
+    off_qb_ = off_qs_ + round(a.H * a.Lq * a.D);
+    off_s_ = off_qb_ + (kPairs ? round((a.H * a.Lq * a.D + 1) / 2) : 0);  // the queries in T
     off_tmp_ = off_s_ + round(a.H * a.Lq * tk_);
     scratch_ = off_tmp_ + round(a.Dv) + round(a.Lq * state_) + 16;  // merge: O sum, states
   }
@@ -150,7 +155,7 @@ class RowKernel {
   const AttentionProblem<T>& a_;
   const Policy pol_;
   Index tk_ = 0, kc_ = 0, n_chunks_ = 0, state_ = 0;
-  Index off_qs_ = 0, off_s_ = 0, off_tmp_ = 0, scratch_ = 0;
+  Index off_qs_ = 0, off_qb_ = 0, off_s_ = 0, off_tmp_ = 0, scratch_ = 0;
 
   static Index round16(Index n) { return (n + 15) / 16 * 16; }
   const C* state(const C* partials, Index b, Index c, Index h, Index r) const {
@@ -170,8 +175,15 @@ class RowKernel {
         const T* q = a_.query + b * a_.q_sb + r * a_.q_sl + h * a_.q_sh;
         C* dst = qs + ((h - h0) * a_.Lq + r) * a_.D;
         for (Index d = 0; d < a_.D; ++d) dst[d] = pol_.query(q[d]);
+        if constexpr (kPairs) {
+          // the same values in T (exact: the policy's query is rounded to T)
+          T* qb = query_pairs(qs) + ((h - h0) * a_.Lq + r) * a_.D;
+          for (Index d = 0; d < a_.D; ++d) qb[d] = static_cast<T>(dst[d]);
+        }
       }
   }
+  // The queries in T beside qs (kPairs).
+  T* query_pairs(const C* qs) const { return reinterpret_cast<T*>(const_cast<C*>(qs) + (off_qb_ - off_qs_)); }
 
   // The states of keys [j0, j1) for heads [h0, h1) (uses[h - h0]; skipped heads keep the
   // empty state) and every row: part[((h - h0) * Lq + r) * (Dv + 2)]. In key tiles. When
@@ -199,7 +211,8 @@ class RowKernel {
             if (uses[h - h0].skip) continue;
             for (Index r = 0; r < a_.Lq; ++r) {
               const Index hr = (h - h0) * a_.Lq + r;
-              s[hr * tk_ + j] = dot(qs + hr * a_.D, krow + h * a_.k_sh);
+              if constexpr (kPairs) s[hr * tk_ + j] = dot_pairs(qs + hr * a_.D, query_pairs(qs) + hr * a_.D, krow + h * a_.k_sh);
+              else s[hr * tk_ + j] = dot(qs + hr * a_.D, krow + h * a_.k_sh);
             }
           }
         }
@@ -213,8 +226,26 @@ class RowKernel {
             scale(st, alpha);
           }
         }
-        // O += p V, key by key across heads
-        for (Index j = 0; j < nk; ++j) {
+        // O += p V, key by key across heads (bfloat16: two keys at a time, as pairs)
+        Index j = 0;
+        if constexpr (kPairs) {
+          if (pol_.rounds_weights()) {
+            round_weights(s, h0, h1, nk, uses);
+            for (; j + 2 <= nk; j += 2) {
+              const T* vrow = a_.value + b * a_.v_sb + (t0 + j) * a_.v_sl;
+              if (t0 + j + ahead < a_.Lk) simd::prefetch(vrow + ahead * a_.v_sl + h0 * a_.v_sh, v_span);
+              if (t0 + j + 1 + ahead < a_.Lk) simd::prefetch(vrow + (ahead + 1) * a_.v_sl + h0 * a_.v_sh, v_span);
+              for (Index h = h0; h < h1; ++h) {
+                if (uses[h - h0].skip) continue;
+                for (Index r = 0; r < a_.Lq; ++r) {
+                  const Index hr = (h - h0) * a_.Lq + r;
+                  axpy_pairs(s + hr * tk_ + j, vrow + h * a_.v_sh, a_.v_sl, part + hr * state_);
+                }
+              }
+            }
+          }
+        }
+        for (; j < nk; ++j) {
           const T* vrow = a_.value + b * a_.v_sb + (t0 + j) * a_.v_sl;
           if (t0 + j + ahead < a_.Lk) simd::prefetch(vrow + ahead * a_.v_sl + h0 * a_.v_sh, v_span);
           for (Index h = h0; h < h1; ++h) {
@@ -236,8 +267,16 @@ class RowKernel {
           for (Index r = 0; r < a_.Lq; ++r) {
             const Index hr = (h - h0) * a_.Lq + r;
             C* st = part + hr * state_;
-            dots(qs + hr * a_.D, k, a_.k_sl, nk, s);
+            if constexpr (kPairs) dots_pairs(qs + hr * a_.D, query_pairs(qs) + hr * a_.D, k, a_.k_sl, nk, s);
+            else dots(qs + hr * a_.D, k, a_.k_sl, nk, s);
             const C alpha = softmax_tile(b, h, r, t0, nk, u, s, st);
+            if constexpr (kPairs) {
+              if (pol_.rounds_weights()) {
+                for (Index jj = 0; jj < nk; ++jj) s[jj] = static_cast<C>(static_cast<T>(s[jj]));
+                axpy_rows_pairs(s, v, a_.v_sl, nk, alpha, st);
+                continue;
+              }
+            }
             axpy_rows(s, v, a_.v_sl, nk, alpha, st);
           }
         }
@@ -345,6 +384,101 @@ class RowKernel {
       s[j] = x;
     }
   }
+
+#if LINEN_SIMD_HAS_BF16_DOT
+  // q . k over the depth as pair products: qb is q in T (qf the same in C, for the tail).
+  C dot_pairs(const C* qf, const T* qb, const T* k) const {
+    namespace b16 = simd::bf16;
+    const Index D = a_.D, dp = D / 32 * 32;
+    P acc0 = simd::set1<P>(C(0)), acc1 = acc0;
+    Index d = 0;
+    for (; d + 64 <= dp; d += 64) {
+      acc0 = b16::dot2(acc0, b16::load(k + d), b16::load(qb + d));
+      acc1 = b16::dot2(acc1, b16::load(k + d + 32), b16::load(qb + d + 32));
+    }
+    if (d < dp) {
+      acc0 = b16::dot2(acc0, b16::load(k + d), b16::load(qb + d));
+      d += 32;
+    }
+    C x = hsum(simd::add(acc0, acc1));
+    for (; d < D; ++d) x += qf[d] * static_cast<C>(k[d]);
+    return x;
+  }
+  // s[j] = q . k[j*ks .. + D) for j < nk, as pair products.
+  void dots_pairs(const C* qf, const T* qb, const T* k, Index ks, Index nk, C* s) const {
+    for (Index j = 0; j < nk; ++j) s[j] = dot_pairs(qf, qb, k + j * ks);
+  }
+  // The weights of the tile's (head, row)s rounded to T (what the pairs multiply).
+  void round_weights(C* s, Index h0, Index h1, Index nk, const TileUse* uses) const {
+    for (Index h = h0; h < h1; ++h) {
+      if (uses[h - h0].skip) continue;
+      for (Index r = 0; r < a_.Lq; ++r) {
+        C* sr = s + ((h - h0) * a_.Lq + r) * tk_;
+        Index j = 0;
+        for (; j + W <= nk; j += W) simd::store(sr + j, simd::round_to<T>(simd::load<P>(sr + j)));
+        for (; j < nk; ++j) sr[j] = static_cast<C>(static_cast<T>(sr[j]));
+      }
+    }
+  }
+  // The pair (lo = p[0], hi = p[1]) in every lane, for weights already rounded to T (the
+  // high halves of their bits are the bfloat16 values).
+  static simd::bf16::Pairs weight_pair(const C* p) {
+    std::uint32_t u0, u1;
+    std::memcpy(&u0, p, sizeof u0);
+    std::memcpy(&u1, p + 1, sizeof u1);
+    return _mm512_set1_epi32(static_cast<int>((u0 >> 16) | (u1 & 0xFFFF0000u)));
+  }
+  // o[0, Dv) += p[0] * v[0, Dv) + p[1] * v[vs, vs + Dv) (p already in T's values), the
+  // two keys as pairs where 32 columns are whole.
+  void axpy_pairs(const C* p, const T* v, Index vs, C* o) const {
+    namespace b16 = simd::bf16;
+    const Index Dv = a_.Dv;
+    const b16::Pairs pv = weight_pair(p);  // lo = p[0], hi = p[1]
+    Index c = 0;
+    for (; c + 32 <= Dv; c += 32) {
+      b16::Pairs x0, x1;
+      b16::interleave32(v + c, v + vs + c, x0, x1);  // lo = v[c + i], hi = v[vs + c + i]
+      simd::store(o + c, b16::dot2(simd::load<P>(o + c), pv, x0));
+      simd::store(o + c + 16, b16::dot2(simd::load<P>(o + c + 16), pv, x1));
+    }
+    for (; c < Dv; ++c) o[c] = (o[c] + p[1] * static_cast<C>(v[vs + c])) + p[0] * static_cast<C>(v[c]);
+  }
+  // O = alpha O + sum_j p[j] v[j*vs .. + Dv) with pairs of keys (p already in T's values).
+  void axpy_rows_pairs(const C* p, const T* v, Index vs, Index nk, C alpha, C* o) const {
+    namespace b16 = simd::bf16;
+    const Index Dv = a_.Dv;
+    const P av = simd::set1<P>(alpha);
+    Index c = 0;
+    for (; c + 32 <= Dv; c += 32) {
+      P acc0 = simd::mul(simd::load<P>(o + c), av), acc1 = simd::mul(simd::load<P>(o + c + 16), av);
+      Index j = 0;
+      for (; j + 2 <= nk; j += 2) {
+        const b16::Pairs pv = weight_pair(p + j);
+        b16::Pairs x0, x1;
+        b16::interleave32(v + j * vs + c, v + (j + 1) * vs + c, x0, x1);
+        acc0 = b16::dot2(acc0, pv, x0);
+        acc1 = b16::dot2(acc1, pv, x1);
+      }
+      if (j < nk) {
+        acc0 = simd::fmadd(simd::set1<P>(p[j]), simd::load_as<P>(v + j * vs + c), acc0);
+        acc1 = simd::fmadd(simd::set1<P>(p[j]), simd::load_as<P>(v + j * vs + c + 16), acc1);
+      }
+      simd::store(o + c, acc0);
+      simd::store(o + c + 16, acc1);
+    }
+    for (; c < Dv; ++c) {
+      C acc = o[c] * alpha;
+      for (Index j = 0; j < nk; ++j) acc += p[j] * static_cast<C>(v[j * vs + c]);
+      o[c] = acc;
+    }
+  }
+#else
+  C dot_pairs(const C*, const T*, const T*) const { return C(0); }
+  void dots_pairs(const C*, const T*, const T*, Index, Index, C*) const {}
+  void round_weights(C*, Index, Index, Index, const TileUse*) const {}
+  void axpy_pairs(const C*, const T*, Index, C*) const {}
+  void axpy_rows_pairs(const C*, const T*, Index, Index, C, C*) const {}
+#endif
 
   static C hsum(const P& x) {
     if constexpr (simd::is_scalar_v<P>) return x;

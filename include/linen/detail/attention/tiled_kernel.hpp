@@ -62,6 +62,10 @@ class Kernel {
   static constexpr int W = simd::size_v<P>;
   static constexpr Index QB = Index{NR} * W;  // query rows per block (lanes x NR)
   static constexpr bool kWiden = !std::is_same_v<T, C>;  // half types: widen K, V tiles
+  // bfloat16 with avx512_bf16: S^T = K Q^T from K in place and Q^T in pairs, and (where the
+  // policy rounds the weights to T, as Flax does) O^T += V^T P^T from a pair-packed V tile
+  // and P^T in pairs (gemm::pair_strip); K is then never widened.
+  static constexpr bool kPairs = simd::has_bf16_dot_v<P> && std::is_same_v<T, Eigen::bfloat16>;
 
   explicit Kernel(const AttentionProblem<T>& a) : a_(a), pol_(a) {
     const Index l1 = std::max<Index>(Eigen::l1CacheSize(), 16 * 1024);
@@ -95,8 +99,15 @@ class Kernel {
     off_l_ = off_m_ + round(nb_ * QB);
     off_st_ = off_l_ + round(nb_ * QB);
     off_kc_ = off_st_ + round(QB * std::max(tk_, a.D));  // logits tile; Q rows at the start
-    off_vc_ = off_kc_ + (kWiden ? round(tk_ * a.D) : 0);
-    scratch_ = off_vc_ + (kWiden ? round(tk_ * a.Dv) : 0) + 16;
+    off_vc_ = off_kc_ + (kWiden && !kPairs ? round(tk_ * a.D) : 0);
+    off_qp_ = off_vc_ + (kWiden ? round(tk_ * a.Dv) : 0);
+    // pairs (32 bits each, counted in C): Q^T of every block, the packed V tile, P^T, and
+    // one V row widened (a key outside the pairs)
+    const Index half_tk = (tk_ + 1) / 2;
+    off_vp_ = off_qp_ + (kPairs ? round(nb_ * ((a.D + 1) / 2) * QB) : 0);
+    off_pt_ = off_vp_ + (kPairs ? round(half_tk * a.Dv) : 0);
+    off_v1_ = off_pt_ + (kPairs ? round(half_tk * QB) : 0);
+    scratch_ = off_v1_ + (kPairs ? round(a.Dv) : 0) + 16;
   }
 
   Index items() const { return a_.B * a_.H * n_qtiles_; }
@@ -122,6 +133,7 @@ class Kernel {
   const NonFiniteValues* nf_ = nullptr;
   Index tk_ = 0, nb_ = 0, n_qtiles_ = 0, n_ktiles_ = 0;
   Index off_qt_ = 0, off_ot_ = 0, off_m_ = 0, off_l_ = 0, off_st_ = 0, off_kc_ = 0, off_vc_ = 0, scratch_ = 0;
+  Index off_qp_ = 0, off_vp_ = 0, off_pt_ = 0, off_v1_ = 0;
 
   TileUse classify(Index b, Index h, Index r0, Index r1, Index j0, Index j1) const {
     const std::uint32_t bits = table_ && table_->enabled() ? table_->get(b, h, r0 / QB, j0 / tk_) : 0;
@@ -153,6 +165,7 @@ class Kernel {
         for (Index c = 0; c < dw; c += W) simd::transpose<P>(rows + r * a_.D + c, a_.D, qtb + c * QB + r, QB);
       for (Index c = dw; c < a_.D; ++c)
         for (Index r = 0; r < QB; ++r) qtb[c * QB + r] = rows[r * a_.D + c];
+      if constexpr (kPairs) pack_query_pairs(qtb, scratch + off_qp_ + blk * ((a_.D + 1) / 2) * QB);
       std::fill(ot_all + blk * a_.Dv * QB, ot_all + (blk + 1) * a_.Dv * QB, C(0));
       std::fill(m_all + blk * QB, m_all + (blk + 1) * QB, Policy::initial_max());
       std::fill(l_all + blk * QB, l_all + (blk + 1) * QB, C(0));
@@ -171,7 +184,7 @@ class Kernel {
         if (u.skip || u.begin > j0 || u.end < j1) any_skipped = true;
         if (u.skip) continue;
         if (kWiden && !widened) {
-          widen(b, h, j0, j1, scratch);
+          prepare_tile(b, h, j0, j1, scratch);
           widened = true;
         }
         block_tile(b, h, blk, r0, r1, u.begin, u.end, j0, u, scratch);
@@ -194,7 +207,7 @@ class Kernel {
           TileUse all;
           all.mask_mixed = static_cast<bool>(a_.mask);
           all.causal_cut = a_.causal;
-          if (kWiden) widen(b, h, j0, j1, scratch);
+          if (kWiden) prepare_tile(b, h, j0, j1, scratch);
           for (const auto& part : parts)
             if (part[0] < part[1]) block_tile(b, h, blk, r0, r1, part[0], part[1], j0, all, scratch);
         }
@@ -233,10 +246,125 @@ class Kernel {
             for (Index c = dw; c < a_.Dv; ++c) o0[i * a_.o_sl + c] = otb[c * QB + i];
         }
       }
+      if constexpr (!std::is_same_v<T, C> && !simd::is_scalar_v<P>) {
+        // half types: W x W blocks transposed in registers, then narrowed lane by lane
+        // (bit for bit as static_cast<T>)
+        const Index dw = a_.Dv / W * W;
+        alignas(64) C blockt[W * W];
+        for (; r + W <= nr; r += W) {
+          for (Index c = 0; c < dw; c += W) {
+            simd::transpose<P>(otb + c * QB + r, QB, blockt, W);
+            for (Index i = 0; i < W; ++i) simd::store_as<T>(o0 + (r + i) * a_.o_sl + c, simd::load<P>(blockt + i * W));
+          }
+          for (Index i = r; i < r + W; ++i)
+            for (Index c = dw; c < a_.Dv; ++c) o0[i * a_.o_sl + c] = static_cast<T>(otb[c * QB + i]);
+        }
+      }
       for (; r < nr; ++r)
         for (Index c = 0; c < a_.Dv; ++c) o0[r * a_.o_sl + c] = static_cast<T>(otb[c * QB + r]);
     }
   }
+
+  // Half types: what block_tile reads of keys [j0, j1): K and V widened (widen), or with
+  // pairs K in place and V pair-packed (or widened where the weights stay in C).
+  void prepare_tile(Index b, Index h, Index j0, Index j1, C* scratch) const {
+    if constexpr (kPairs) {
+      if (pol_.rounds_weights()) pack_values(b, h, j0, j1, scratch);
+      else widen_values(b, h, j0, j1, scratch);
+    } else {
+      widen(b, h, j0, j1, scratch);
+    }
+  }
+  void widen_values(Index b, Index h, Index j0, Index j1, C* scratch) const {
+    C* vc = scratch + off_vc_;
+    for (Index j = j0; j < j1; ++j)
+      simd::convert(a_.value + b * a_.v_sb + j * a_.v_sl + h * a_.v_sh, vc + (j - j0) * a_.Dv, a_.Dv);
+  }
+#if LINEN_SIMD_HAS_BF16_DOT
+  using Bf = Eigen::bfloat16;
+  static Bf* as_bf16(C* p) { return reinterpret_cast<Bf*>(p); }
+  // qp[tp][r] = {lo: Q^T[2tp + 1][r] (0 past D), hi: Q^T[2tp][r]}: the B operand of S^T.
+  void pack_query_pairs(const C* qtb, C* qp) const {
+    const Index pairs = (a_.D + 1) / 2;
+    const P zero = simd::set1<P>(C(0));
+    for (Index tp = 0; tp < pairs; ++tp)
+      for (Index v = 0; v < QB; v += W) {
+        const P hi = simd::load<P>(qtb + 2 * tp * QB + v);
+        const P lo = 2 * tp + 1 < a_.D ? simd::load<P>(qtb + (2 * tp + 1) * QB + v) : zero;
+        simd::bf16::store(reinterpret_cast<std::uint32_t*>(qp + tp * QB + v), simd::bf16::pack(hi, lo));
+      }
+  }
+  // vp[tp][c] = {lo: V[j0 + 2tp + 1][c] (0 past j1), hi: V[j0 + 2tp][c]}: the A operand of
+  // O^T, keys [j0, j1) of head h.
+  void pack_values(Index b, Index h, Index j0, Index j1, C* scratch) const {
+    Bf* vp = as_bf16(scratch + off_vp_);
+    const Index Dv = a_.Dv, dw = Dv / 16 * 16;
+    for (Index j = j0; j < j1; j += 2) {
+      const Bf* v0 = a_.value + b * a_.v_sb + j * a_.v_sl + h * a_.v_sh;
+      const bool two = j + 1 < j1;
+      const Bf* v1 = two ? v0 + a_.v_sl : nullptr;
+      Bf* dst = vp + (j - j0) * Dv;  // pair row (j - j0) / 2, 2 * Dv elements
+      Index c = 0;
+      if (two)
+        for (; c < dw; c += 16) simd::bf16::store(reinterpret_cast<std::uint32_t*>(dst + 2 * c), simd::bf16::interleave(v0 + c, v1 + c));
+      for (; c < Dv; ++c) {
+        dst[2 * c] = two ? v1[c] : Bf(0.0f);
+        dst[2 * c + 1] = v0[c];
+      }
+    }
+  }
+  // P^T pairs of keys [js, js + 2n) (rows of st from key j0): pt[q][r] = {lo: P[js + 2q + 1][r],
+  // hi: P[js + 2q][r]}, rounded to T.
+  void pack_weight_pairs(const C* st, Index j0, Index js, Index n, C* pt) const {
+    for (Index q = 0; q < n; ++q) {
+      const C* hi = st + (js + 2 * q - j0) * QB;
+      for (Index v = 0; v < QB; v += W)
+        simd::bf16::store(reinterpret_cast<std::uint32_t*>(pt + q * QB + v),
+                          simd::bf16::pack(simd::load<P>(hi + v), simd::load<P>(hi + QB + v)));
+    }
+  }
+  // O^T += V[j]^T p[j]^T for one key (its weights rounded to T first), in C.
+  template <class Init>
+  void single_key(Index b, Index h, Index j, C* prow, C* ot, C* scratch, const Init& init) const {
+    C* v1 = scratch + off_v1_;
+    simd::convert(a_.value + b * a_.v_sb + j * a_.v_sl + h * a_.v_sh, v1, a_.Dv);
+    for (Index v = 0; v < QB; v += W) simd::store(prow + v, simd::round_to<T>(simd::load<P>(prow + v)));
+    gemm::strip<P, MR, NR>(a_.Dv, 1, v1, 1, 1, prow, QB, ot, QB, 0, init, gemm::Store{});
+  }
+  // O^T = alpha O^T + V^T P^T over keys [j0, j1) with pairs: the keys whose pair lies
+  // whole in [j0, j1) (pairs counted from the tile's first key kv0) from the packed tile,
+  // a first or last key left over alone; in key order, so each element is the fmadd chain
+  // over the keys of the weights rounded to T.
+  void values_pairs(Index b, Index h, Index j0, Index j1, Index kv0, C* st, const P* alpha, C* ot, C* scratch) const {
+    Index js = j0, je = j1;
+    bool started = false;
+    if ((j0 - kv0) % 2 != 0) {
+      single_key(b, h, j0, st, ot, scratch, gemm::Rescale<P>{alpha});
+      started = true;
+      ++js;
+    }
+    if ((je - js) % 2 != 0) --je;
+    if (je > js) {
+      C* pt = scratch + off_pt_;
+      pack_weight_pairs(st, j0, js, (je - js) / 2, pt);
+      const Bf* vp = as_bf16(scratch + off_vp_) + (js - kv0) * a_.Dv;
+      const Bf* bp = reinterpret_cast<const Bf*>(pt);
+      if (started)
+        gemm::pair_strip<MR, NR, false>(a_.Dv, je - js, vp, 2, 2 * a_.Dv, bp, 2 * QB, ot, QB, 0, gemm::ZeroOrLoad{true}, gemm::Store{});
+      else
+        gemm::pair_strip<MR, NR, false>(a_.Dv, je - js, vp, 2, 2 * a_.Dv, bp, 2 * QB, ot, QB, 0, gemm::Rescale<P>{alpha}, gemm::Store{});
+      started = true;
+    }
+    if (je < j1) {
+      if (started) single_key(b, h, je, st + (je - j0) * QB, ot, scratch, gemm::ZeroOrLoad{true});
+      else single_key(b, h, je, st + (je - j0) * QB, ot, scratch, gemm::Rescale<P>{alpha});
+    }
+  }
+#else
+  void pack_query_pairs(const C*, C*) const {}
+  void pack_values(Index, Index, Index, Index, C*) const {}
+  void values_pairs(Index, Index, Index, Index, Index, C*, const P*, C*, C*) const {}
+#endif
 
   // Half types: K and V rows [j0, j1) of head h widened to float, row-major.
   void widen(Index b, Index h, Index j0, Index j1, C* scratch) const {
@@ -270,8 +398,23 @@ class Kernel {
     }
     P mx[NR];
     for (int v = 0; v < NR; ++v) mx[v] = simd::set1<P>(Policy::initial_max());
-    gemm::strip<P, MR, NR>(nk, a_.D, k, ks, 1, scratch + off_qt_ + blk * a_.D * QB, QB, st, QB, 0, gemm::Zero{},
-                           gemm::StoreMax<P>{mx});
+    // Where only the policy's logit changes the product (no bias, mask or causal cut
+    // here), it is applied in the product's epilogue instead of a pass of its own.
+    const bool to_logits = Policy::changes_logits() && !a_.bias;
+    const bool folded = to_logits && !u.mask_mixed && !u.causal_cut;
+    auto product = [&](const auto& epi) {
+#if LINEN_SIMD_HAS_BF16_DOT
+      if constexpr (kPairs) {
+        gemm::pair_strip<MR, NR, true>(nk, a_.D, a_.key + b * a_.k_sb + j0 * a_.k_sl + h * a_.k_sh, a_.k_sl, 0,
+                                       reinterpret_cast<const Eigen::bfloat16*>(scratch + off_qp_ + blk * ((a_.D + 1) / 2) * QB),
+                                       2 * QB, st, QB, 0, gemm::Zero{}, epi);
+        return;
+      }
+#endif
+      gemm::strip<P, MR, NR>(nk, a_.D, k, ks, 1, scratch + off_qt_ + blk * a_.D * QB, QB, st, QB, 0, gemm::Zero{}, epi);
+    };
+    if (folded) product(gemm::StoreLogitMax<P, Policy>{mx, &pol_});
+    else product(gemm::StoreMax<P>{mx});
 
     // Bias and a mixed mask, row by row (lanes are rows: strided writes into S^T); the
     // bias meets the logit as the policy makes it from the product.
@@ -296,8 +439,7 @@ class Kernel {
     // Pass 1 when anything changes the logits after the product: the policy's logit
     // (Flax: rounding to T, for half types; done above with the bias), bias, mask, the
     // causal cut; recomputes the max.
-    const bool to_logits = Policy::changes_logits() && !a_.bias;
-    if (to_logits || a_.bias || u.mask_mixed || u.causal_cut) {
+    if ((to_logits && !folded) || a_.bias || u.mask_mixed || u.causal_cut) {
       const P lowv = simd::set1<P>(low);
       const P lanes = simd::iota<P>(C(0));
       for (int v = 0; v < NR; ++v) mx[v] = simd::set1<P>(Policy::initial_max());
@@ -343,6 +485,12 @@ class Kernel {
       }
     }
     // O^T = alpha O^T + V^T P^T.
+    if constexpr (kPairs) {
+      if (pol_.rounds_weights()) {
+        values_pairs(b, h, j0, j1, kv0, st, alpha, scratch + off_ot_ + blk * a_.Dv * QB, scratch);
+        return;
+      }
+    }
     const C* v;
     Index vs;
     if constexpr (kWiden) {

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Internal: what a DecodeWorkspace holds. The step's buffers (projections, the half
-// types' promoted copies, the row kernel's scratch, a gathered mask) and a small set of
+// types' promoted copies, the row kernel's scratch, a gathered mask), the projections'
+// kernels as the step multiplies them (kept, see KeptKernel) and a small set of
 // validated step signatures: every shape and configuration field the step's checks read,
 // with the mask plan those checks produced. A step whose signature is in the set skips
 // the checks (except the cache's room, checked on every step) and allocates nothing.
@@ -9,7 +10,12 @@
 
 #include <array>
 #include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+
+#include <Eigen/Core>
 
 #include "../../dense.hpp"  // DenseScratch
 #include "../../tensor.hpp"
@@ -32,11 +38,94 @@ struct Validated {
 // than this re-validates (and may allocate) on each change.
 inline constexpr std::size_t kValidatedSignatures = 8;
 
+// A projection kernel promoted as DenseGeneral::apply_rows promotes it (Flax's
+// promote_dtype: cast to T, then held in C for the product), made once and reused while
+// the parameter tensor is the same: the same data address and size, and the same bits at
+// kSamples places spread over it (so a tensor freed and another one allocated at its
+// address, or an optimizer step that changes every value in place, is seen and the copy
+// remade). A change in place that leaves every sampled value as it was is not seen: that
+// is the DecodeWorkspace's documented contract (forget_parameters()).
+template <class C>
+struct KeptKernel {
+  static constexpr int kSamples = 64;
+  const void* source = nullptr;
+  Index size = -1;
+  std::array<std::uint64_t, kSamples> samples{};
+  std::vector<C> kernel;
+
+  static Index sample_index(int i, Index n) { return n <= 1 ? 0 : Index(i) * (n - 1) / (kSamples - 1); }
+  template <class S>
+  static std::uint64_t bits(const S& x) {
+    std::uint64_t u = 0;
+    std::memcpy(&u, &x, sizeof(S));
+    return u;
+  }
+  // Whether `kernel` holds the promotion of p[0, n).
+  template <class S>
+  bool holds(const S* p, Index n) const {
+    if (source != static_cast<const void*>(p) || size != n) return false;
+    if (n == 0) return true;
+    for (int i = 0; i < kSamples; ++i)
+      if (samples[static_cast<std::size_t>(i)] != bits(p[sample_index(i, n)])) return false;
+    return true;
+  }
+  void forget() {
+    source = nullptr;
+    size = -1;
+  }
+};
+
+// y[m, out] = x[m, in] . kernel (+ bias) exactly as Dense::apply_rows(p, use_bias, x, m,
+// y, &s, /*by_row=*/true) computes it (the same promotion, the same Eigen vector product
+// per row, the same rounding of the result and the bias), with the kernel's promotion kept
+// in `kept` instead of redone on every step: for bfloat16 activations and float32 params
+// the promotion read and wrote twice the kernel's bytes per step, more than the product.
+// Types that need no promotion go to apply_rows itself.
+template <class Dense, class T, class I, class Params>
+void kept_rows(KeptKernel<accum_t<T>>& kept, const Params& p, bool use_bias, const I* x, Index m, T* y,
+               DenseScratch<accum_t<T>>& s) {
+  using C = accum_t<T>;
+  using ParamT = typename std::decay_t<decltype(p.kernel)>::Scalar;
+  if constexpr (std::is_same_v<I, T> && std::is_same_v<ParamT, T> && std::is_same_v<C, T>) {
+    Dense::template apply_rows<I>(p, use_bias, x, m, y, &s, true);
+  } else {
+    using RM = Eigen::Matrix<C, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    Index in = 1, out = 1;
+    for (int i = 0; i < Dense::kAxes; ++i) in *= p.kernel.dimension(i);
+    for (int i = Dense::kAxes; i < Dense::kAxes + Dense::kFeatures; ++i) out *= p.kernel.dimension(i);
+    const ParamT* k = p.kernel.data();
+    const Index n = in * out;
+    if (!kept.holds(k, n)) {
+      kept.kernel.resize(static_cast<std::size_t>(n));
+      for (Index i = 0; i < n; ++i) kept.kernel[static_cast<std::size_t>(i)] = static_cast<C>(static_cast<T>(k[i]));
+      kept.source = k;
+      kept.size = n;
+      for (int i = 0; i < KeptKernel<C>::kSamples; ++i)
+        kept.samples[static_cast<std::size_t>(i)] = n > 0 ? KeptKernel<C>::bits(k[KeptKernel<C>::sample_index(i, n)]) : 0;
+    }
+    s.x.resize(static_cast<std::size_t>(m * in));
+    s.acc.resize(static_cast<std::size_t>(m * out));
+    Eigen::Map<RM> xm(s.x.data(), m, in), km(kept.kernel.data(), in, out), acc(s.acc.data(), m, out);
+    Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> ym(y, m, out);
+    for (Index i = 0; i < m * in; ++i) xm.data()[i] = static_cast<C>(static_cast<T>(x[i]));
+    for (Index r = 0; r < m; ++r) acc.row(r).noalias() = xm.row(r) * km;
+    if (use_bias) {
+      for (Index r = 0; r < m; ++r)
+        for (Index c = 0; c < out; ++c)
+          ym(r, c) = static_cast<T>(static_cast<C>(static_cast<T>(acc(r, c))) +
+                                    static_cast<C>(static_cast<T>(p.bias.data()[c])));
+    } else {
+      ym = acc.template cast<T>();
+    }
+  }
+}
+
 template <class T>
 struct WorkspaceState {
   using C = accum_t<T>;
   std::vector<T> q, k, v, x;  // [B, H * head_dim] each
   DenseScratch<C> dense;      // half types' promoted copies
+  std::array<KeptKernel<C>, 4> kept;  // query, key, value, out: see kept_rows
   RowScratch<C> row;          // the decode kernel's
   std::vector<Index> now;     // this step's signature (no allocation once grown)
   std::array<Validated, kValidatedSignatures> validated{};
