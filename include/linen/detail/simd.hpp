@@ -18,8 +18,11 @@
 
 #include <Eigen/Core>
 
+#include "../config.hpp"
+
 namespace linen {
 namespace detail {
+inline namespace LINEN_ISA_NAMESPACE {
 namespace simd {
 
 namespace ei = Eigen::internal;
@@ -290,6 +293,7 @@ inline void convert(const T* src, C* dst, std::ptrdiff_t n) {
 }
 
 }  // namespace simd
+}  // namespace LINEN_ISA_NAMESPACE
 }  // namespace detail
 }  // namespace linen
 
