@@ -47,7 +47,7 @@ Isa detected_isa();
 // detected level). Throws linen::invalid_argument naming `name` and the known names.
 Isa parse_isa(std::string_view name);
 // The level the kernels run at. Chosen at the first call of this or of a kernel: the
-// level LINEN_ISA names, else detected_isa(). Throws linen::invalid_argument when
+// level LINEN_ISA names (when set and not empty), else detected_isa(). Throws linen::invalid_argument when
 // LINEN_ISA names no level or one this CPU lacks (naming it and the CPU's levels): linen
 // never falls back silently.
 Isa active_isa();

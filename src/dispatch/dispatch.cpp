@@ -91,7 +91,7 @@ Isa initial_level() {
   static const Isa first = [] {
     const unsigned cpu = cpu_levels();
     const char* env = std::getenv("LINEN_ISA");
-    const Isa level = env ? choose_level(env, cpu, "LINEN_ISA") : best(cpu);
+    const Isa level = env && *env ? choose_level(env, cpu, "LINEN_ISA") : best(cpu);  // empty: unset
     int none = -1;
     active_level.compare_exchange_strong(none, static_cast<int>(level), std::memory_order_acq_rel);
     return level;

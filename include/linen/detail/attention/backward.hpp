@@ -411,13 +411,12 @@ void attention_backward_fused(const AttentionProblem<typename Policy::element_ty
                               typename Policy::element_type* dq, typename Policy::element_type* dk,
                               typename Policy::element_type* dv, typename Policy::accum_type* dbias, Index block_q,
                               Index block_k) {
-  using C = typename Policy::accum_type;
   if constexpr (std::is_same_v<P, dispatch::TargetPacket>) {
 #if defined(LINEN_DISPATCH)
     dispatch::call<dispatch::Backward<Policy>>(a, out, row_max, row_sum, dout, dq, dk, dv, dbias, block_q, block_k);
 #else
-    attention_backward_kernel<Policy, simd::packet_t<C>>(a, out, row_max, row_sum, dout, dq, dk, dv, dbias, block_q,
-                                                         block_k);
+    attention_backward_kernel<Policy, simd::packet_t<typename Policy::accum_type>>(
+        a, out, row_max, row_sum, dout, dq, dk, dv, dbias, block_q, block_k);
 #endif
   } else {
     attention_backward_kernel<Policy, P>(a, out, row_max, row_sum, dout, dq, dk, dv, dbias, block_q, block_k);
