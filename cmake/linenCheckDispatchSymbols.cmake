@@ -22,7 +22,7 @@ foreach(object IN LISTS objects)
   set(want "T linen_dispatch_table_${level}")
   set(found FALSE)
   foreach(line IN LISTS lines)
-    string(REGEX REPLACE "^[0-9a-fA-F]* *" "" sym "${line}")
+    string(REGEX MATCH "[A-Za-z?] [^ ]+$" sym "${line}")  # "<type> <name>"
     if(sym STREQUAL want)
       set(found TRUE)
     else()
