@@ -48,8 +48,8 @@ int check_active(const char* what) {
     const double e = fused_vs_reference(lq);
     std::printf("%s: %s, Lq %ld: fused vs reference %.3g\n", what, linen::isa_name(linen::active_isa()),
                 static_cast<long>(lq), e);
-    if (!(e <= 2e-6)) {
-      std::fprintf(stderr, "%s: error %.3g beyond 2e-6\n", what, e);
+    if (!(e <= 2e-5)) {  // float rounding over 77 keys; a wrong kernel is off by O(1)
+      std::fprintf(stderr, "%s: error %.3g beyond 2e-5\n", what, e);
       ++failures;
     }
   }
