@@ -5,13 +5,16 @@
 #   <prefix>/share/cmake/linen/linenConfigVersion.cmake
 #   <prefix>/share/cmake/linen/linenTargets.cmake    linen::linen
 #   <prefix>/share/cmake/linen/linenIoTargets.cmake  linen::io (if built with nlohmann_json)
+#   <prefix>/share/cmake/linen/linenDispatchTargets.cmake, <prefix>/lib/liblinen_dispatch.a
+#                                                    linen::dispatch (if built)
 #   <prefix>/share/pkgconfig/linen.pc                pkg-config --cflags linen
 #   <prefix>/share/pkgconfig/linen-io.pc             pkg-config --cflags --libs linen-io
 #   <prefix>/share/doc/linen/LICENSE
 #
 # linen is header-only and the same on every architecture, so the package (and the
 # pkg-config files) go under the data directory and its version file is
-# ARCH_INDEPENDENT.
+# ARCH_INDEPENDENT (linen::dispatch, compiled for x86-64, is offered to x86-64 consumers
+# only: linenConfig.cmake.in).
 include(CMakePackageConfigHelpers)
 
 set(LINEN_INSTALL_CMAKEDIR "${CMAKE_INSTALL_DATADIR}/cmake/linen"
@@ -38,6 +41,20 @@ if(LINEN_IO_HAS_JSON)
           DESTINATION "${LINEN_INSTALL_CMAKEDIR}")
 else()
   set(LINEN_IO_EXPORTED OFF)
+endif()
+
+# linen::dispatch (a static library for x86-64) has its own export set too; linenConfig
+# offers it, as the component `dispatch`, to x86-64 consumers only, so the rest of the
+# package stays architecture-independent.
+if(TARGET linen_dispatch)
+  set(LINEN_DISPATCH_EXPORTED ON)
+  install(TARGETS linen_dispatch EXPORT linenDispatchTargets
+          ARCHIVE DESTINATION "${CMAKE_INSTALL_LIBDIR}")
+  install(EXPORT linenDispatchTargets
+          NAMESPACE linen::
+          DESTINATION "${LINEN_INSTALL_CMAKEDIR}")
+else()
+  set(LINEN_DISPATCH_EXPORTED OFF)
 endif()
 
 configure_package_config_file(

@@ -181,9 +181,7 @@ std::vector<T> run_reference(const Problem<T>& p) {
 }
 
 // The fused path with a chosen packet type, register blocking, tiles and pool.
-template <class T, class P = linen::detail::simd::packet_t<linen::accum_t<T>>,
-          int MR = linen::detail::fused::DefaultBlocking<P>::MR,
-          int NR = linen::detail::fused::DefaultBlocking<P>::NR>
+template <class T, class P = linen::detail::dispatch::TargetPacket, int MR = 0, int NR = 0>
 std::vector<T> run_fused(const Problem<T>& p, linen::detail::FusedTuning tuning = {},
                          Eigen::ThreadPoolInterface* pool = nullptr, std::vector<Shape>* keep_shapes = nullptr) {
   const auto d = linen::detail::check_qkv(p.shape(p.lq, p.d), p.shape(p.lk, p.d), p.shape(p.lk, p.dv), "test");

@@ -268,8 +268,7 @@ void attention_reference(const AttentionDims& d, const T* query, const T* key, c
 // place. The keep mask is the only O(Lq * Lk) buffer, and only under dropout (one byte
 // per weight: Lq * Lk bytes with broadcast_dropout, B * H * Lq * Lk without).
 // P, MR, NR and `tuning` reach fused_attention's tuning (for tests and benchmarks).
-template <class T, class P = simd::packet_t<accum_t<T>>, int MR = gemm::ForwardBlocking<P>::MR,
-          int NR = gemm::ForwardBlocking<P>::NR>
+template <class T, class P = dispatch::TargetPacket, int MR = 0, int NR = 0>
 void attention_fused(const AttentionDims& d, const T* query, const T* key, const T* value,
                      const AttentionOptions<T>& o, T* out, const char* fn, const AttentionTuning& tuning = {}) {
   static_assert(is_element_type_v<T>, "linen: element type must be float, double, Eigen::half or Eigen::bfloat16");

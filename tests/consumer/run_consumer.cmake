@@ -1,7 +1,7 @@
 # Builds and runs one consumer project of tests/consumer/ against the linen
 # under test, in a fresh directory. Run by ctest (tests/CMakeLists.txt) as
 #
-#   cmake -DKIND=<find_package|find_package_no_msgpack|add_subdirectory|fetchcontent>
+#   cmake -DKIND=<find_package|find_package_no_msgpack|find_package_dispatch|add_subdirectory|fetchcontent>
 #         -DLINEN_SOURCE_DIR=<checkout> -DLINEN_BINARY_DIR=<configured build>
 #         -DLINEN_VERSION=<x.y.z> -DWORK_DIR=<scratch dir, emptied first>
 #         -DGENERATOR=<...> [-DGENERATOR_PLATFORM=] [-DGENERATOR_TOOLSET=]
@@ -16,6 +16,7 @@
 #                     installed package and headers must not mention it, and the
 #                     consumer is configured with find_package(msgpack-cxx) and
 #                     find_package(msgpack) disabled, yet gets linen::io;
+#   find_package_dispatch: the same install; the consumer links linen::dispatch;
 #   add_subdirectory: the consumer adds <LINEN_SOURCE_DIR> as a subdirectory;
 #   fetchcontent:     the library part of <LINEN_SOURCE_DIR> is packed into
 #                     <WORK_DIR>/linen-<version>.tar.gz, which the consumer fetches.
@@ -143,7 +144,7 @@ elseif(KIND STREQUAL "fetchcontent")
   set(stage "${WORK_DIR}/stage/linen-${LINEN_VERSION}")
   file(MAKE_DIRECTORY "${stage}")
   file(COPY "${LINEN_SOURCE_DIR}/CMakeLists.txt" "${LINEN_SOURCE_DIR}/LICENSE"
-            "${LINEN_SOURCE_DIR}/cmake" "${LINEN_SOURCE_DIR}/include"
+            "${LINEN_SOURCE_DIR}/cmake" "${LINEN_SOURCE_DIR}/include" "${LINEN_SOURCE_DIR}/src"
        DESTINATION "${stage}")
   set(archive "${WORK_DIR}/linen-${LINEN_VERSION}.tar.gz")
   execute_process(COMMAND "${CMAKE_COMMAND}" -E tar czf "${archive}" "linen-${LINEN_VERSION}"

@@ -12,41 +12,37 @@
 //   backward.hpp      the gradient kernels
 // and detail/parallel.hpp, the thread loop. Kernels are templates on the policy, the
 // packet type and the register blocking: a second numerics is a second policy, another
-// instruction set another packet type, never another kernel.
+// instruction set another packet type, never another kernel. With linen::dispatch, the
+// default kernels are the CPU's level's (detail/dispatch.hpp, isa.hpp).
 #ifndef LINEN_DETAIL_FUSED_ATTENTION_HPP
 #define LINEN_DETAIL_FUSED_ATTENTION_HPP
 
 #include <algorithm>
 #include <type_traits>
 
+#include "../config.hpp"
 #include "../tensor.hpp"
 #include "attention/micro_gemm.hpp"
 #include "attention/policy.hpp"
 #include "attention/problem.hpp"
 #include "attention/row_kernel.hpp"
 #include "attention/tiled_kernel.hpp"
+#include "dispatch.hpp"
 #include "parallel.hpp"
 #include "simd.hpp"
 
 namespace linen {
 namespace detail {
+inline namespace LINEN_ISA_NAMESPACE {
 namespace fused {
 // The forward's register blocking (its name before the family was one).
 template <class P>
 using DefaultBlocking = gemm::ForwardBlocking<P>;
 }  // namespace fused
 
-// Computes attention for `a` (see AttentionProblem) with the numerics of `Policy`,
-// writing a.out (and a.row_max, a.row_sum, a.out_acc when set). The arguments must be
-// consistent (dot_product_attention validates them); nothing here throws except
-// std::bad_alloc for the scratch: per thread at most ~1 MiB of query-block state plus a
-// few tiles (independent of the key length), and for the row kernel one (Dv + 2)-element
-// state per key chunk, head and query row.
-// P, MR and NR choose the packet type and the register blocking (tests instantiate other
-// widths); the defaults are the target's widest packet and its register count's blocking.
-template <class Policy, class P = simd::packet_t<typename Policy::accum_type>,
-          int MR = gemm::ForwardBlocking<P>::MR, int NR = gemm::ForwardBlocking<P>::NR>
-void attend(const AttentionProblem<typename Policy::element_type>& a) {
+// attend's kernel, for packet type P and register blocking MR x NR.
+template <class Policy, class P, int MR, int NR>
+void attend_kernel(const AttentionProblem<typename Policy::element_type>& a) {
   using T = typename Policy::element_type;
   using C = typename Policy::accum_type;
   static_assert(is_element_type_v<T>, "linen: element type must be float, double, Eigen::half or Eigen::bfloat16");
@@ -79,13 +75,41 @@ void attend(const AttentionProblem<typename Policy::element_type>& a) {
   else fused::run_kernel<Policy, P, MR, NR>(args);
 }
 
+// Computes attention for `a` (see AttentionProblem) with the numerics of `Policy`,
+// writing a.out (and a.row_max, a.row_sum, a.out_acc when set). The arguments must be
+// consistent (dot_product_attention validates them); nothing here throws except
+// std::bad_alloc for the scratch: per thread at most ~1 MiB of query-block state plus a
+// few tiles (independent of the key length), and for the row kernel one (Dv + 2)-element
+// state per key chunk, head and query row (and, with linen::dispatch, the
+// linen::invalid_argument of an unusable LINEN_ISA: see isa.hpp).
+// P, MR and NR choose the packet type and the register blocking (tests instantiate other
+// widths; MR, NR = 0: P's default blocking). Left at their defaults, the kernel is the
+// target's: the active level's through linen::dispatch's table when LINEN_DISPATCH is
+// defined, else this translation unit's widest packet and its register count's blocking.
+template <class Policy, class P = dispatch::TargetPacket, int MR = 0, int NR = 0>
+void attend(const AttentionProblem<typename Policy::element_type>& a) {
+  using C = typename Policy::accum_type;
+  if constexpr (std::is_same_v<P, dispatch::TargetPacket> && MR == 0 && NR == 0) {
+#if defined(LINEN_DISPATCH)
+    dispatch::call<dispatch::Forward<Policy>>(a);
+#else
+    attend<Policy, simd::packet_t<C>>(a);
+#endif
+  } else if constexpr (std::is_same_v<P, dispatch::TargetPacket>) {
+    attend<Policy, simd::packet_t<C>, MR, NR>(a);
+  } else {
+    attend_kernel<Policy, P, MR != 0 ? MR : gemm::ForwardBlocking<P>::MR, NR != 0 ? NR : gemm::ForwardBlocking<P>::NR>(
+        a);
+  }
+}
+
 // attend with Flax's numerics (the name every caller uses).
-template <class T, class P = simd::packet_t<accum_t<T>>, int MR = gemm::ForwardBlocking<P>::MR,
-          int NR = gemm::ForwardBlocking<P>::NR>
+template <class T, class P = dispatch::TargetPacket, int MR = 0, int NR = 0>
 void fused_attention(const AttentionProblem<T>& a) {
   attend<FlaxLogits<T>, P, MR, NR>(a);
 }
 
+}  // namespace LINEN_ISA_NAMESPACE
 }  // namespace detail
 }  // namespace linen
 

@@ -21,8 +21,11 @@
 #include <immintrin.h>
 #endif
 
+#include "../config.hpp"
+
 namespace linen {
 namespace detail {
+inline namespace LINEN_ISA_NAMESPACE {
 namespace simd {
 
 namespace ei = Eigen::internal;
@@ -430,6 +433,7 @@ inline float hsum(const Packet& x) { return ei::predux(x); }
 #endif
 
 }  // namespace simd
+}  // namespace LINEN_ISA_NAMESPACE
 }  // namespace detail
 }  // namespace linen
 

@@ -26,7 +26,9 @@
 #include <Eigen/Core>
 #include <unsupported/Eigen/CXX11/ThreadPool>
 
+#include "../../config.hpp"
 #include "../../tensor.hpp"
+#include "../dispatch.hpp"
 #include "../parallel.hpp"
 #include "../simd.hpp"
 #include "micro_gemm.hpp"
@@ -35,6 +37,7 @@
 
 namespace linen {
 namespace detail {
+inline namespace LINEN_ISA_NAMESPACE {
 
 template <class C>
 using RowMat = Eigen::Matrix<C, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -248,13 +251,14 @@ inline void tile_product(Index M, Index N, Index K, const simd::scalar_t<P>* A, 
 //   out: the forward's output in C (the output's strides; fused_attention's out_acc for
 //   half types); row_max, row_sum: [B, H, Lq] (fused_attention's);
 //   dbias: null, or a zeroed accumulator of the bias's own shape.
-template <class Policy, class P = simd::packet_t<typename Policy::accum_type>>
-void attention_backward_fused(const AttentionProblem<typename Policy::element_type>& a,
-                              const typename Policy::accum_type* out, const typename Policy::accum_type* row_max,
-                              const typename Policy::accum_type* row_sum, const typename Policy::element_type* dout,
-                              typename Policy::element_type* dq, typename Policy::element_type* dk,
-                              typename Policy::element_type* dv, typename Policy::accum_type* dbias, Index block_q,
-                              Index block_k) {
+// (attention_backward_fused's kernel, for packet type P.)
+template <class Policy, class P>
+void attention_backward_kernel(const AttentionProblem<typename Policy::element_type>& a,
+                               const typename Policy::accum_type* out, const typename Policy::accum_type* row_max,
+                               const typename Policy::accum_type* row_sum, const typename Policy::element_type* dout,
+                               typename Policy::element_type* dq, typename Policy::element_type* dk,
+                               typename Policy::element_type* dv, typename Policy::accum_type* dbias, Index block_q,
+                               Index block_k) {
   using T = typename Policy::element_type;
   using C = typename Policy::accum_type;
   using Vec = Eigen::Array<C, 1, Eigen::Dynamic>;
@@ -397,6 +401,29 @@ void attention_backward_fused(const AttentionProblem<typename Policy::element_ty
   }
 }
 
+// The fused backward (above). P: the packet type; left at its default, the target's: the
+// active level's kernel through linen::dispatch's table when LINEN_DISPATCH is defined,
+// else this translation unit's widest packet.
+template <class Policy, class P = dispatch::TargetPacket>
+void attention_backward_fused(const AttentionProblem<typename Policy::element_type>& a,
+                              const typename Policy::accum_type* out, const typename Policy::accum_type* row_max,
+                              const typename Policy::accum_type* row_sum, const typename Policy::element_type* dout,
+                              typename Policy::element_type* dq, typename Policy::element_type* dk,
+                              typename Policy::element_type* dv, typename Policy::accum_type* dbias, Index block_q,
+                              Index block_k) {
+  if constexpr (std::is_same_v<P, dispatch::TargetPacket>) {
+#if defined(LINEN_DISPATCH)
+    dispatch::call<dispatch::Backward<Policy>>(a, out, row_max, row_sum, dout, dq, dk, dv, dbias, block_q, block_k);
+#else
+    attention_backward_kernel<Policy, simd::packet_t<typename Policy::accum_type>>(
+        a, out, row_max, row_sum, dout, dq, dk, dv, dbias, block_q, block_k);
+#endif
+  } else {
+    attention_backward_kernel<Policy, P>(a, out, row_max, row_sum, dout, dq, dk, dv, dbias, block_q, block_k);
+  }
+}
+
+}  // namespace LINEN_ISA_NAMESPACE
 }  // namespace detail
 }  // namespace linen
 

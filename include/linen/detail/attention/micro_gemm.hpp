@@ -22,10 +22,12 @@
 #include <utility>
 
 #include "../../tensor.hpp"
+#include "../../config.hpp"
 #include "../simd.hpp"
 
 namespace linen {
 namespace detail {
+inline namespace LINEN_ISA_NAMESPACE {
 namespace gemm {
 
 template <int... I, class F>
@@ -248,6 +250,7 @@ struct BackwardBlocking {
 };
 
 }  // namespace gemm
+}  // namespace LINEN_ISA_NAMESPACE
 }  // namespace detail
 }  // namespace linen
 

@@ -22,6 +22,7 @@
 
 #include <Eigen/Core>
 
+#include "../../config.hpp"
 #include "../../tensor.hpp"
 #include "../parallel.hpp"
 #include "../simd.hpp"
@@ -37,9 +38,10 @@ template <class C>
 struct RowScratch {
   std::vector<C> storage;
   std::vector<unsigned char> skipped;
-  std::vector<fused::TileUse> uses;
+  std::vector<TileUse> uses;
 };
 
+inline namespace LINEN_ISA_NAMESPACE {
 namespace fused {
 
 // The kernel for few query rows (decode steps): a row at a time with the lanes along the
@@ -538,6 +540,7 @@ void run_row_kernel(const AttentionProblem<typename Policy::element_type>& a) {
 }
 
 }  // namespace fused
+}  // namespace LINEN_ISA_NAMESPACE
 }  // namespace detail
 }  // namespace linen
 

@@ -41,6 +41,7 @@
 
 #include <Eigen/Core>
 
+#include "../../config.hpp"
 #include "../../tensor.hpp"
 #include "../parallel.hpp"
 #include "../simd.hpp"
@@ -50,6 +51,7 @@
 
 namespace linen {
 namespace detail {
+inline namespace LINEN_ISA_NAMESPACE {
 namespace fused {
 
 // The kernel for one problem, one logit policy, one packet type and one register blocking.
@@ -554,6 +556,7 @@ void run_kernel(const AttentionProblem<typename Policy::element_type>& a) {
 }
 
 }  // namespace fused
+}  // namespace LINEN_ISA_NAMESPACE
 }  // namespace detail
 }  // namespace linen
 

@@ -16,13 +16,13 @@
 #include <cstdint>
 #include <vector>
 
+#include "../../config.hpp"
 #include "../../tensor.hpp"
 #include "../parallel.hpp"
 #include "problem.hpp"
 
 namespace linen {
 namespace detail {
-namespace fused {
 
 // How a key tile meets a query block.
 struct TileUse {
@@ -32,6 +32,8 @@ struct TileUse {
   Index begin = 0, end = 0; // keys outside [begin, end) are masked for every row here
 };
 
+inline namespace LINEN_ISA_NAMESPACE {
+namespace fused {
 
 // The user mask over rows [r0, r1) x keys [j0, j1) of (b, h), packed in 32 bits: bit 0
 // set (so that 0 can mean "not known yet" in a cache), bit 1 = false everywhere, bit 2 =
@@ -292,6 +294,7 @@ class MaskTable {
 };
 
 }  // namespace fused
+}  // namespace LINEN_ISA_NAMESPACE
 }  // namespace detail
 }  // namespace linen
 

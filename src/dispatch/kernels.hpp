@@ -1,0 +1,71 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// linen::dispatch: one level's kernel table. Included by exactly one translation unit per
+// level (sse2.cpp, avx2.cpp, ...), each compiled with its level's flags, so that Eigen
+// and linen's kernels (detail/simd.hpp, detail/attention/) pick that level's packets and
+// register blocking; the kernels are then in the level's ISA namespace
+// (LINEN_ISA_NAMESPACE, config.hpp). LINEN_DISPATCH_LEVEL(name) defines the level's one
+// exported symbol, extern "C" linen_dispatch_table_<name>(): CMake partially links each
+// level's object and makes every other symbol in it local (cmake/linenDispatch.cmake),
+// so that no inline function compiled with these flags (linen's, Eigen's or the standard
+// library's) can stand in for another translation unit's copy.
+#ifndef LINEN_SRC_DISPATCH_KERNELS_HPP
+#define LINEN_SRC_DISPATCH_KERNELS_HPP
+
+#if defined(LINEN_DISPATCH)
+#error "linen: src/dispatch/ compiles the kernels themselves: LINEN_DISPATCH must not be defined here"
+#endif
+
+#include "linen/detail/attention/backward.hpp"
+#include "linen/detail/dispatch.hpp"
+#include "linen/detail/fused_attention.hpp"
+#include "linen/detail/simd.hpp"
+
+namespace linen {
+namespace detail {
+inline namespace LINEN_ISA_NAMESPACE {
+namespace dispatch_level {
+
+// Impl<E>::run: entry E (detail/dispatch.hpp) as this level compiles it: the header
+// kernel with the level's widest packet and its default blocking.
+template <class E>
+struct Impl;
+
+template <class Policy>
+struct Impl<dispatch::Forward<Policy>> {
+  static void run(const AttentionProblem<typename Policy::element_type>& a) {
+    attend<Policy, simd::packet_t<typename Policy::accum_type>>(a);
+  }
+};
+
+template <class Policy>
+struct Impl<dispatch::Backward<Policy>> {
+  using T = typename dispatch::Backward<Policy>::T;
+  using C = typename dispatch::Backward<Policy>::C;
+  static void run(const AttentionProblem<T>& a, const C* out, const C* row_max, const C* row_sum, const T* dout, T* dq,
+                  T* dk, T* dv, C* dbias, Index block_q, Index block_k) {
+    attention_backward_fused<Policy, simd::packet_t<C>>(a, out, row_max, row_sum, dout, dq, dk, dv, dbias, block_q,
+                                                        block_k);
+  }
+};
+
+template <class... E>
+dispatch::Table make_table(dispatch::List<E...>) {
+  return dispatch::Table{&Impl<E>::run...};
+}
+
+}  // namespace dispatch_level
+}  // namespace LINEN_ISA_NAMESPACE
+}  // namespace detail
+}  // namespace linen
+
+// Defines linen_dispatch_table_<level>(), the level's table (its one global symbol).
+#define LINEN_DISPATCH_LEVEL(level)                                                              \
+  extern "C" __attribute__((visibility("default"))) const linen::detail::dispatch::Table*      \
+  linen_dispatch_table_##level() {                                                             \
+    static const linen::detail::dispatch::Table table =                                        \
+        linen::detail::dispatch_level::make_table(linen::detail::dispatch::Entries{});         \
+    return &table;                                                                             \
+  }
+
+#endif  // LINEN_SRC_DISPATCH_KERNELS_HPP
