@@ -217,8 +217,12 @@ int main() {
   std::filesystem::create_directories(dir);
   io::save_safetensors((dir / "model.safetensors").string(), vars);
   io::save_msgpack((dir / "model.msgpack").string(), vars);
+  std::vector<const char*> files{"model.safetensors", "model.msgpack"};
+#if defined(LINEN_HAS_ZSTD) && LINEN_HAS_ZSTD  // Orbax's chunks are zstd-compressed
   io::save_orbax((dir / "orbax").string(), vars);
-  for (const char* name : {"model.safetensors", "model.msgpack", "orbax"}) {
+  files.push_back("orbax");
+#endif
+  for (const char* name : files) {
     const io::Variables back = io::load_checkpoint((dir / name).string());
     params = model.load(back);
     const Tensor<float, 3> again = model.apply(params, batch);

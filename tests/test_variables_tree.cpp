@@ -182,8 +182,12 @@ TEST(VariablesTree, EveryModuleRoundTripsThroughEveryFormat) {
   TempDir dir;
   io::save_safetensors(dir / "m.safetensors", vars);
   io::save_msgpack(dir / "m.msgpack", vars);
+  std::vector<std::string> files{dir / "m.safetensors", dir / "m.msgpack"};
+#if defined(LINEN_HAS_ZSTD) && LINEN_HAS_ZSTD  // Orbax's chunks are zstd-compressed
   io::save_orbax(dir / "orbax", vars);
-  for (const std::string& file : {dir / "m.safetensors", dir / "m.msgpack", dir / "orbax"}) {
+  files.push_back(dir / "orbax");
+#endif
+  for (const std::string& file : files) {
     SCOPED_TRACE(file);
     const io::Variables back = io::load_checkpoint(file);
     EXPECT_EQ(back.paths(), vars.paths());
