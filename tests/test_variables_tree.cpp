@@ -154,6 +154,9 @@ TEST(Scope, PathsSpanCollectionsAndCopyNothing) {
   EXPECT_EQ(&s.at("params/query/kernel").array(), &v.at("params/decoder/layers_0/attn/query/kernel"));
   EXPECT_NE(thrown<invalid_argument>([&] { (void)s.at("kernel"); }).find("'<collection>/<name>'"), std::string::npos);
   EXPECT_NE(thrown<invalid_argument>([&] { (void)s.push("a//b"); }).find("empty path component"), std::string::npos);
+  EXPECT_EQ(io::ConstScope(v, "").path(), "");
+  EXPECT_EQ(&io::ConstScope(v, "").at("params/decoder/layers_0/attn/query/kernel").array(),
+            &s.at("params/query/kernel").array());
   const std::string missing = thrown<io_error>([&] { (void)s.at("params/key/kernel"); });
   EXPECT_NE(missing.find("'params/decoder/layers_0/attn/key/kernel'"), std::string::npos) << missing;
   // A Scope writes under its path, in the collection the leaf names.

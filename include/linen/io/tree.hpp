@@ -83,9 +83,11 @@ class basic_scope {
   static_assert(std::is_same_v<std::remove_const_t<V>, Variables>, "linen::io: a scope is over io::Variables");
 
  public:
-  // The root scope of `vars` (or `module_path` in it, e.g. "decoder/layers_0").
+  // The root scope of `vars` (or `module_path` in it, e.g. "decoder/layers_0"; "" = the root).
   basic_scope(V& vars) : vars_(&vars) {}  // NOLINT: implicit, so that a Variables binds where a scope is taken
-  basic_scope(V& vars, const std::string& module_path) : vars_(&vars) { path_ = checked_join(module_path); }
+  basic_scope(V& vars, const std::string& module_path) : vars_(&vars) {
+    if (!module_path.empty()) path_ = checked_join(module_path);
+  }
   // A Scope is also a ConstScope.
   template <class U, std::enable_if_t<std::is_same_v<V, const U>, int> = 0>
   basic_scope(const basic_scope<U>& s)  // NOLINT: implicit, as Variables& -> const Variables&
