@@ -26,12 +26,13 @@ inline std::string join_path(const std::string& collection, const std::string& m
 }
 
 // A stored cache array [batch..., max_length, heads, head_dim] read as
-// [prod(batch), max_length, heads, head_dim]; `batch` receives its batch dims.
-template <class T>
-Tensor<T, 4> read_flattened_cache(const Variables& vars, const std::string& path, Index heads, Index head_dim,
+// [prod(batch), max_length, heads, head_dim]; `batch` receives its batch dims. Vars: a
+// Variables or an io::ConstScope (io/tree.hpp).
+template <class T, class Vars>
+Tensor<T, 4> read_flattened_cache(const Vars& vars, const std::string& path, Index heads, Index head_dim,
                                   Shape& batch) {
-  const Array& a = vars.at(path);
-  const Shape& s = a.shape();
+  const auto& a = vars.at(path);
+  const Shape s = a.shape();
   if (s.size() < 3 || s[s.size() - 2] != heads || s[s.size() - 1] != head_dim)
     throw io_error(path + ": shape " + to_string(s) + " is not [batch..., max_length, " + std::to_string(heads) +
                    ", " + std::to_string(head_dim) + "]");
@@ -56,9 +57,11 @@ Tensor<T, 4> read_flattened_cache(const Variables& vars, const std::string& path
 // query_ln/key_ln scale [head_dim] when normalize_qk. The cache
 // (cache/<module_path>/cached_key, cached_value [batch..., max_length, num_heads,
 // head_dim], cache_index int scalar) is read when present. A missing tensor or a wrong
-// shape throws linen::io_error naming the path and both shapes.
-template <class T, class ParamT>
-AttentionVariables<T, ParamT> load_attention(const Variables& vars, const AttentionConfig<T, ParamT>& config,
+// shape throws linen::io_error naming the path and both shapes. `vars` may also be an
+// io::ConstScope (io/tree.hpp): paths are then the scope's, and a scan layer's scope reads
+// that layer's slices.
+template <class T, class ParamT, class Vars>
+AttentionVariables<T, ParamT> load_attention(const Vars& vars, const AttentionConfig<T, ParamT>& config,
                                             const std::string& module_path = "") {
   AttentionVariables<T, ParamT> out;
   auto path = [&](const std::string& leaf) { return detail::join_path("params", module_path, leaf); };
@@ -116,7 +119,7 @@ AttentionVariables<T, ParamT> load_attention(const Variables& vars, const Attent
       throw io_error(cv + ": shape " + to_string(vars.at(cv).shape()) + " differs from " + ck + "'s " +
                      to_string(vars.at(ck).shape()));
     const std::string ci = detail::join_path("cache", module_path, "cache_index");
-    const Array& ia = vars.at(ci);
+    const auto& ia = vars.at(ci);
     if (!ia.shape().empty()) throw io_error(ci + ": shape " + to_string(ia.shape()) + " expected a scalar ()");
     const auto idx = ia.template to_vector<std::int32_t>(ci);
     if (idx[0] < 0 || idx[0] > c.max_length())
@@ -130,9 +133,10 @@ AttentionVariables<T, ParamT> load_attention(const Variables& vars, const Attent
 
 // Writes the module's variables under Flax's paths (the inverse of load_attention):
 // params/<module_path>/..., and cache/<module_path>/... when a cache is present, the
-// cache in Flax's layout [batch..., max_length, num_heads, head_dim].
-template <class T, class ParamT>
-void store_attention(Variables& vars, const AttentionVariables<T, ParamT>& v, const AttentionConfig<T, ParamT>& config,
+// cache in Flax's layout [batch..., max_length, num_heads, head_dim]. `vars` may also be an
+// io::Scope (io/tree.hpp).
+template <class T, class ParamT, class Vars>
+void store_attention(Vars&& vars, const AttentionVariables<T, ParamT>& v, const AttentionConfig<T, ParamT>& config,
                      const std::string& module_path = "") {
   auto path = [&](const std::string& leaf) { return detail::join_path("params", module_path, leaf); };
   const auto& p = v.params;

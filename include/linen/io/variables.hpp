@@ -201,6 +201,44 @@ class Array {
     }
   }
 
+  // nn.scan's stacked layout: the sub-array at index `i` of the leading axis, shape()
+  // without its first dim, as a rank-N tensor of T (conversions and errors as to(),
+  // flat indices counted in the whole array). Reads only that slice's bytes. Throws
+  // io_error naming `what` for a scalar, or i outside [0, shape[0]).
+  template <class T, int N>
+  Tensor<T, N> slice_to(Index i, const std::string& what = "array") const {
+    static_assert(N >= 0, "rank must be non-negative");
+    const Index stride = slice_stride(i, what);
+    if (rank() != N + 1)
+      throw io_error(what + ": " + describe() + " cannot be sliced into rank-" + std::to_string(N) + " " +
+                     dtype_name<T>() + " tensors (ranks differ)");
+    std::array<Index, N> dims{};
+    for (int d = 0; d < N; ++d) dims[static_cast<std::size_t>(d)] = shape_[static_cast<std::size_t>(d) + 1];
+    Tensor<T, N> out;
+    out.resize(dims);
+    convert_into(out.data(), what, i * stride, (i + 1) * stride);
+    return out;
+  }
+
+  // The same slice flattened in row-major order (as to_vector).
+  template <class T>
+  std::vector<T> slice_to_vector(Index i, const std::string& what = "array") const {
+    static_assert(!std::is_same_v<T, bool>, "linen::io: slice_to_vector<bool> (std::vector<bool> has no data())");
+    const Index stride = slice_stride(i, what);
+    std::vector<T> out(static_cast<std::size_t>(stride));
+    convert_into(out.data(), what, i * stride, (i + 1) * stride);
+    return out;
+  }
+
+  // Elements per index of the leading axis (prod(shape[1:])), after checking that
+  // index `i` exists; io_error naming `what` otherwise.
+  Index slice_stride(Index i, const std::string& what = "array") const {
+    if (shape_.empty()) throw io_error(what + ": " + describe() + " is a scalar, it has no leading axis to slice");
+    if (i < 0 || i >= shape_[0])
+      throw io_error(what + ": index " + std::to_string(i) + " outside the leading axis of " + describe());
+    return shape_[0] ? size_ / shape_[0] : 0;
+  }
+
   // "float32 array of shape (2, 5, 3)".
   std::string describe() const { return std::string(numpy_name(dtype_)) + " array of shape " + to_string(shape_); }
 
@@ -211,13 +249,15 @@ class Array {
   friend bool operator!=(const Array& a, const Array& b) { return !(a == b); }
 
  private:
+  // Converts the elements [first, end) (flat indices) into dst[0, end - first).
   template <class T>
-  void convert_into(T* dst, const std::string& what) const {
+  void convert_into(T* dst, const std::string& what, Index first = 0, Index end = -1) const {
     (void)dtype_of<T>();  // rejects unsupported T at compile time
+    if (end < 0) end = size_;
     const std::uint8_t* src = bytes_.data();
     detail::visit_dtype(dtype_, [&](auto tag) {
       using S = typename decltype(tag)::type;
-      convert_from<T, S>(src, dst, what);
+      convert_from<T, S>(src, dst, what, first, end);
     });
   }
 
@@ -234,31 +274,31 @@ class Array {
   }
 
   template <class T, class S>
-  void convert_from(const std::uint8_t* src, T* dst, const std::string& what) const {
+  void convert_from(const std::uint8_t* src, T* dst, const std::string& what, Index first, Index end) const {
     constexpr Index w = static_cast<Index>(sizeof(S));
     if constexpr (std::is_same_v<T, bool>) {
       if constexpr (std::is_same_v<S, bool> || std::is_same_v<S, std::uint8_t>) {
-        for (Index i = 0; i < size_; ++i) dst[i] = checked_bit(src + i, i, what) != 0;
+        for (Index i = first; i < end; ++i) dst[i - first] = checked_bit(src + i, i, what) != 0;
       } else {
         throw io_error(refuse("bool", what, "only BOOL or uint8 0/1 arrays convert to bool"));
       }
     } else if constexpr (detail::is_float_v<T>) {
-      for (Index i = 0; i < size_; ++i) {
+      for (Index i = first; i < end; ++i) {
         const std::uint8_t* p = src + i * w;
         if constexpr (std::is_same_v<S, bool>) {
-          dst[i] = T(checked_bit(p, i, what) ? 1.0f : 0.0f);
+          dst[i - first] = T(checked_bit(p, i, what) ? 1.0f : 0.0f);
         } else if constexpr (std::is_integral_v<S>) {
           const S v = detail::load_element<S>(p);
-          dst[i] = static_cast<T>(v);
+          dst[i - first] = static_cast<T>(v);
           if constexpr (is_half_type_v<T>) {
-            if (!Eigen::numext::isfinite(dst[i]))
+            if (!Eigen::numext::isfinite(dst[i - first]))
               throw io_error(what + ": " + describe() + " holds " + detail::int_string(v) + " at flat index " +
                              std::to_string(i) + ", which overflows " + dtype_name<T>());
           }
         } else {
           const S v = detail::load_element<S>(p);
-          dst[i] = detail::float_cast<T>(v);
-          if (!std::is_same_v<S, T> && !Eigen::numext::isfinite(dst[i]) && Eigen::numext::isfinite(v))
+          dst[i - first] = detail::float_cast<T>(v);
+          if (!std::is_same_v<S, T> && !Eigen::numext::isfinite(dst[i - first]) && Eigen::numext::isfinite(v))
             throw io_error(what + ": " + describe() + " holds " + detail::float_string(v) + " at flat index " +
                            std::to_string(i) + ", which overflows " + dtype_name<T>());
         }
@@ -268,16 +308,16 @@ class Array {
       if constexpr (detail::is_float_v<S>) {
         throw io_error(refuse(dtype_name<T>(), what, "float -> integer conversion is refused"));
       } else if constexpr (std::is_same_v<S, bool>) {
-        for (Index i = 0; i < size_; ++i) dst[i] = static_cast<T>(checked_bit(src + i, i, what));
+        for (Index i = first; i < end; ++i) dst[i - first] = static_cast<T>(checked_bit(src + i, i, what));
       } else {
-        for (Index i = 0; i < size_; ++i) {
+        for (Index i = first; i < end; ++i) {
           const S v = detail::load_element<S>(src + i * w);
           if constexpr (!std::is_same_v<S, T>) {
             if (!detail::int_fits<T>(v))
               throw io_error(what + ": " + describe() + " holds " + detail::int_string(v) + " at flat index " +
                              std::to_string(i) + ", which does not fit in " + dtype_name<T>());
           }
-          dst[i] = static_cast<T>(v);
+          dst[i - first] = static_cast<T>(v);
         }
       }
     }
