@@ -57,6 +57,8 @@ class LinenConan(ConanFile):
         tc.cache_variables["LINEN_BUILD_BENCHMARKS"] = False
         tc.cache_variables["LINEN_BUILD_FUZZERS"] = False
         tc.cache_variables["LINEN_INSTALL"] = True
+        # Header-only: linen::dispatch (a static library of per-ISA kernels) is not packaged.
+        tc.cache_variables["LINEN_BUILD_DISPATCH"] = False
         tc.cache_variables["LINEN_REQUIRE_IO"] = bool(self.options.with_io)
         tc.cache_variables["LINEN_USE_ZSTD"] = bool(self.options.with_io)
         if not self.options.with_io:

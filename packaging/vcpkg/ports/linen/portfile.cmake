@@ -8,6 +8,8 @@
 # linen's own ctest runs this file's CMake steps against the checkout
 # (tests/packaging/vcpkg_port.cmake, test packaging_vcpkg_port).
 set(VCPKG_BUILD_TYPE release)  # header-only: one configuration
+# linen::dispatch (the kernels of every x86-64 level in one static library) is not part of
+# the port: the package is header-only, and the consumer's -march chooses the kernels.
 
 get_filename_component(SOURCE_PATH "${CMAKE_CURRENT_LIST_DIR}/../../../.." ABSOLUTE)
 
@@ -30,6 +32,7 @@ vcpkg_cmake_configure(
     -DLINEN_BUILD_BENCHMARKS=OFF
     -DLINEN_BUILD_FUZZERS=OFF
     -DLINEN_INSTALL=ON
+    -DLINEN_BUILD_DISPATCH=OFF
     -DLINEN_INSTALL_CMAKEDIR=share/${PORT}
 )
 vcpkg_cmake_install()
