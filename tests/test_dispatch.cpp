@@ -1,14 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0
 // linen::dispatch (isa.hpp): level names, detection, forcing (set_isa, LINEN_ISA), the
 // refusal of levels the CPU lacks, and the kernels of every level the CPU has (forward,
-// decode rows, backward) against the reference, for every element type.
+// decode rows, backward) against the reference, for every element type; and every
+// level's GEMM (the projections).
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -17,6 +20,7 @@
 
 #include <linen/detail/attention/backward.hpp>
 #include <linen/detail/dispatch.hpp>
+#include <linen/detail/gemm/product.hpp>
 #include <linen/dot_product_attention.hpp>
 #include <linen/errors.hpp>
 #include <linen/isa.hpp>
@@ -320,6 +324,75 @@ TEST(Dispatch, Sse2LevelIsTheHeaderKernel) {
 #else
   GTEST_SKIP() << "this test file is not compiled for x86-64's baseline";
 #endif
+}
+
+
+// The projections' GEMM (gemm::multiply, the Gemm<T> entries) at every level against a
+// long-double restatement, with and without a pool; and each level runs its own (FMA
+// from avx2 up rounds otherwise than sse2's multiply-then-add).
+template <class T>
+std::vector<T> level_gemm(Index M, Index N, Index K, const std::vector<T>& a, const std::vector<T>& b,
+                          const std::vector<T>& bias, Eigen::ThreadPoolInterface* pool) {
+  std::vector<T> c(static_cast<std::size_t>(M * N), T(-7));
+  linen::detail::gemm::multiply<T>(M, N, K, a.data(), K, b.data(), N, bias.data(), c.data(), N, pool);
+  return c;
+}
+
+template <class T>
+void check_gemm_level(Isa l, Eigen::ThreadPoolInterface* pool) {
+  std::mt19937 g(17);
+  std::normal_distribution<double> nd;
+  for (const auto& [M, N, K] : {std::tuple<Index, Index, Index>{37, 45, 61}, {130, 96, 513}, {1, 7, 3}}) {
+    std::vector<T> a(static_cast<std::size_t>(M * K)), b(static_cast<std::size_t>(K * N)), bias(static_cast<std::size_t>(N));
+    for (auto& x : a) x = static_cast<T>(nd(g));
+    for (auto& x : b) x = static_cast<T>(nd(g));
+    for (auto& x : bias) x = static_cast<T>(nd(g));
+    const std::vector<T> got = level_gemm<T>(M, N, K, a, b, bias, nullptr);
+    EXPECT_EQ(level_gemm<T>(M, N, K, a, b, bias, pool), got) << linen::isa_name(l) << " with a pool";
+    for (Index i = 0; i < M; ++i)
+      for (Index j = 0; j < N; ++j) {
+        long double want = bias[static_cast<std::size_t>(j)], mag = std::fabs(static_cast<long double>(bias[j]));
+        for (Index k = 0; k < K; ++k) {
+          const long double p = static_cast<long double>(a[static_cast<std::size_t>(i * K + k)]) *
+                                static_cast<long double>(b[static_cast<std::size_t>(k * N + j)]);
+          want += p;
+          mag += std::fabs(p);
+        }
+        const long double tol = static_cast<long double>(K + 1) * std::numeric_limits<T>::epsilon() * mag;
+        ASSERT_LE(std::fabs(static_cast<long double>(got[static_cast<std::size_t>(i * N + j)]) - want), tol)
+            << linen::isa_name(l) << " (" << M << ", " << N << ", " << K << ") at " << i << ", " << j;
+      }
+  }
+}
+
+TEST(Dispatch, EveryLevelsGemmMatchesTheReference) {
+  const RestoreLevel restore;
+  Eigen::ThreadPool pool(2);
+  for (Isa l : linen::supported_isas()) {
+    linen::set_isa(l);
+    check_gemm_level<float>(l, &pool);
+    check_gemm_level<double>(l, &pool);
+  }
+}
+
+TEST(Dispatch, LevelsRunTheirOwnGemm) {
+  const RestoreLevel restore;
+  std::mt19937 g(5);
+  std::normal_distribution<float> nd;
+  const Index M = 33, N = 40, K = 300;
+  std::vector<float> a(static_cast<std::size_t>(M * K)), b(static_cast<std::size_t>(K * N)), bias(static_cast<std::size_t>(N));
+  for (auto* v : {&a, &b, &bias})
+    for (auto& x : *v) x = nd(g);
+  linen::set_isa(Isa::sse2);
+  const std::vector<float> base = level_gemm<float>(M, N, K, a, b, bias, nullptr);
+  int others = 0;
+  for (Isa l : linen::supported_isas()) {
+    if (l == Isa::sse2) continue;
+    linen::set_isa(l);
+    EXPECT_NE(level_gemm<float>(M, N, K, a, b, bias, nullptr), base) << linen::isa_name(l) << " gives sse2's bits";
+    ++others;
+  }
+  if (others == 0) GTEST_SKIP() << "this CPU has sse2 only";
 }
 
 }  // namespace

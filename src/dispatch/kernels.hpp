@@ -19,6 +19,7 @@
 #include "linen/detail/attention/backward.hpp"
 #include "linen/detail/dispatch.hpp"
 #include "linen/detail/fused_attention.hpp"
+#include "linen/detail/gemm/gemm.hpp"
 #include "linen/detail/simd.hpp"
 
 namespace linen {
@@ -46,6 +47,14 @@ struct Impl<dispatch::Backward<Policy>> {
                   T* dk, T* dv, C* dbias, Index block_q, Index block_k) {
     attention_backward_fused<Policy, simd::packet_t<C>>(a, out, row_max, row_sum, dout, dq, dk, dv, dbias, block_q,
                                                         block_k);
+  }
+};
+
+template <class T>
+struct Impl<dispatch::Gemm<T>> {
+  static void run(Index M, Index K, const T* A, Index lda, const GemmOutput<T>* outs, int count,
+                  Eigen::ThreadPoolInterface* pool) {
+    gemm::gemm_outputs<T, simd::packet_t<T>>(M, K, A, lda, outs, count, pool);
   }
 };
 

@@ -27,6 +27,7 @@
 #include "../tensor.hpp"
 #include "attention/policy.hpp"
 #include "attention/problem.hpp"
+#include "gemm/output.hpp"
 
 namespace linen {
 namespace detail {
@@ -56,10 +57,17 @@ struct Backward {
                       T* dq, T* dk, T* dv, C* dbias, Index block_q, Index block_k);
 };
 
+// detail::gemm::gemm_outputs<T> (gemm/gemm.hpp), the projections' products: float, double.
+template <class T>
+struct Gemm {
+  using fn = void (*)(Index M, Index K, const T* A, Index lda, const GemmOutput<T>* outs, int count,
+                      Eigen::ThreadPoolInterface* pool);
+};
+
 // The entries of each policy, and those tied to no policy.
 template <class Policy>
 using PolicyEntries = List<Forward<Policy>, Backward<Policy>>;
-using OtherEntries = List<>;
+using OtherEntries = List<Gemm<float>, Gemm<double>>;
 
 template <class... L>
 struct Concat;

@@ -51,6 +51,21 @@
 
 namespace linen {
 namespace detail {
+
+// The tiled kernel's buffers (shared by every ISA level, like AttentionProblem), kept by a caller between calls (AttentionProblem::
+// tiled_scratch): once grown to a problem's size, a call on them allocates nothing.
+template <class C>
+struct TiledScratch {
+  std::vector<C> storage;                    // per-worker state
+  std::vector<std::uint32_t> mask_entries;   // MaskTable's
+  std::vector<Index> mask_acc;
+  std::vector<std::int32_t> nonfinite;       // NonFiniteValues'
+  std::size_t bytes() const {
+    return storage.capacity() * sizeof(C) + mask_entries.capacity() * sizeof(std::uint32_t) +
+           mask_acc.capacity() * sizeof(Index) + nonfinite.capacity() * sizeof(std::int32_t);
+  }
+};
+
 inline namespace LINEN_ISA_NAMESPACE {
 namespace fused {
 
@@ -509,19 +524,6 @@ class Kernel {
 
 }  // namespace fused
 
-// The tiled kernel's buffers, kept by a caller between calls (AttentionProblem::
-// tiled_scratch): once grown to a problem's size, a call on them allocates nothing.
-template <class C>
-struct TiledScratch {
-  std::vector<C> storage;                    // per-worker state
-  std::vector<std::uint32_t> mask_entries;   // MaskTable's
-  std::vector<Index> mask_acc;
-  std::vector<std::int32_t> nonfinite;       // NonFiniteValues'
-  std::size_t bytes() const {
-    return storage.capacity() * sizeof(C) + mask_entries.capacity() * sizeof(std::uint32_t) +
-           mask_acc.capacity() * sizeof(Index) + nonfinite.capacity() * sizeof(std::int32_t);
-  }
-};
 
 namespace fused {
 

@@ -18,11 +18,13 @@
 #ifndef LINEN_DETAIL_GEMM_BLOCKING_HPP
 #define LINEN_DETAIL_GEMM_BLOCKING_HPP
 
+#include "../../config.hpp"
 #include "../../tensor.hpp"
 #include "../simd.hpp"
 
 namespace linen {
 namespace detail {
+inline namespace LINEN_ISA_NAMESPACE {
 namespace gemm {
 
 template <class P>
@@ -40,6 +42,7 @@ struct PackedBlocking {
 };
 
 }  // namespace gemm
+}  // namespace LINEN_ISA_NAMESPACE
 }  // namespace detail
 }  // namespace linen
 

@@ -20,10 +20,12 @@
 
 #include <cblas.h>
 
+#include "../../config.hpp"
 #include "../../tensor.hpp"
 
 namespace linen {
 namespace detail {
+inline namespace LINEN_ISA_NAMESPACE {
 namespace gemm {
 
 template <class T>
@@ -48,6 +50,7 @@ void cblas_gemm(Index M, Index N, Index K, const T* A, Index lda, const T* B, In
 }
 
 }  // namespace gemm
+}  // namespace LINEN_ISA_NAMESPACE
 }  // namespace detail
 }  // namespace linen
 

@@ -37,26 +37,18 @@
 #include "../simd.hpp"
 #include "blocking.hpp"
 #include "kernel.hpp"
+#include "output.hpp"
 #include "pack.hpp"
 
 namespace linen {
 namespace detail {
+inline namespace LINEN_ISA_NAMESPACE {
 namespace gemm {
 
-// One column group of gemm_outputs: C[M, n] (row stride ldc) = A B[K, n] (row stride
-// ldb) + bias[n] (bias may be null).
+// One column group of gemm_outputs (output.hpp).
 template <class T>
-struct Output {
-  const T* B = nullptr;
-  Index ldb = 0;
-  Index n = 0;
-  const T* bias = nullptr;
-  T* C = nullptr;
-  Index ldc = 0;
-};
-
-// The most column groups one gemm_outputs call takes (q, k, v and one spare).
-inline constexpr int kMaxOutputs = 4;
+using Output = GemmOutput<T>;
+inline constexpr int kMaxOutputs = kGemmMaxOutputs;
 
 // A 64-byte aligned buffer a thread keeps across calls; it only grows.
 template <class T>
@@ -194,6 +186,7 @@ void gemm(Index M, Index N, Index K, const T* A, Index lda, const T* B, Index ld
 }
 
 }  // namespace gemm
+}  // namespace LINEN_ISA_NAMESPACE
 }  // namespace detail
 }  // namespace linen
 

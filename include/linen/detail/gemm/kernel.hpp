@@ -15,12 +15,14 @@
 
 #include <algorithm>
 
+#include "../../config.hpp"
 #include "../../tensor.hpp"
 #include "../attention/micro_gemm.hpp"  // gemm::unroll
 #include "../simd.hpp"
 
 namespace linen {
 namespace detail {
+inline namespace LINEN_ISA_NAMESPACE {
 namespace gemm {
 
 // C[0, MR) x [0, NR * W) (row stride ldc) = (accumulate ? C : 0) + a . b (+ bias[0, NR * W)).
@@ -73,6 +75,7 @@ inline void edge_kernel(Index mv, Index nv, Index kc, const simd::scalar_t<P>* a
 }
 
 }  // namespace gemm
+}  // namespace LINEN_ISA_NAMESPACE
 }  // namespace detail
 }  // namespace linen
 

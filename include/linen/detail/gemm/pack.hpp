@@ -15,10 +15,12 @@
 #include <algorithm>
 #include <cstring>
 
+#include "../../config.hpp"
 #include "../../tensor.hpp"
 
 namespace linen {
 namespace detail {
+inline namespace LINEN_ISA_NAMESPACE {
 namespace gemm {
 
 // Panels of MR rows: ceil(m / MR) panels of kc * MR elements each, one after another.
@@ -57,6 +59,7 @@ inline void pack_b(Index n, Index kc, const T* B, Index ldb, T* dst) {
 }
 
 }  // namespace gemm
+}  // namespace LINEN_ISA_NAMESPACE
 }  // namespace detail
 }  // namespace linen
 

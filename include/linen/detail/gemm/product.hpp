@@ -6,7 +6,8 @@
 //       C[M, N] = A[M, K] B[K, N] (+ bias[N]; bias may be null), row-major
 //   multiply_outputs<T>(M, K, A, lda, outs, count, pool)
 //       the same for column groups sharing A (gemm.hpp's Output)
-// By default linen's own GEMM (gemm.hpp; the bits do not depend on the pool). A build
+// By default linen's own GEMM (gemm.hpp; the bits do not depend on the pool), with
+// linen::dispatch the active level's (detail/dispatch.hpp), else this translation unit's. A build
 // with LINEN_HAS_CBLAS (CMake option LINEN_USE_BLAS) calls cblas_sgemm / cblas_dgemm
 // instead, rows split over the pool in blocks (each block on one worker; run the BLAS
 // library's own threads off, e.g. OPENBLAS_NUM_THREADS=1, or it oversubscribes); then
@@ -20,8 +21,10 @@
 
 #include <unsupported/Eigen/CXX11/ThreadPool>
 
+#include "../../config.hpp"
 #include "../../tensor.hpp"
 #include "../parallel.hpp"
+#include "../dispatch.hpp"
 #include "gemm.hpp"
 #if defined(LINEN_HAS_CBLAS)
 #include "cblas.hpp"
@@ -29,6 +32,7 @@
 
 namespace linen {
 namespace detail {
+inline namespace LINEN_ISA_NAMESPACE {
 namespace gemm {
 
 template <class T>
@@ -57,7 +61,11 @@ void multiply_outputs(Index M, Index K, const T* A, Index lda, const Output<T>* 
     return;
   }
 #endif
+#if defined(LINEN_DISPATCH)
+  dispatch::call<dispatch::Gemm<T>>(M, K, A, lda, outs, count, pool);  // the active level's gemm_outputs
+#else
   gemm_outputs<T>(M, K, A, lda, outs, count, pool);
+#endif
 }
 
 template <class T>
@@ -68,6 +76,7 @@ void multiply(Index M, Index N, Index K, const T* A, Index lda, const T* B, Inde
 }
 
 }  // namespace gemm
+}  // namespace LINEN_ISA_NAMESPACE
 }  // namespace detail
 }  // namespace linen
 
