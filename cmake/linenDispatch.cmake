@@ -51,7 +51,7 @@ foreach(_linen_level IN LISTS LINEN_DISPATCH_LEVELS)
   add_custom_command(
     OUTPUT "${_linen_object}"
     COMMAND "${CMAKE_COMMAND}" -E make_directory "${_linen_dispatch_dir}"
-    COMMAND "${CMAKE_LINKER}" -r --force-group-allocation -o "${_linen_object}.r"
+    COMMAND "${LINEN_DISPATCH_PARTIAL_LD}" -r --force-group-allocation -o "${_linen_object}.r"
             "$<TARGET_OBJECTS:${_linen_target}>"
     COMMAND "${CMAKE_OBJCOPY}" "--keep-global-symbol=linen_dispatch_table_${_linen_level}"
             "${_linen_object}.r" "${_linen_object}"
