@@ -20,36 +20,7 @@
 
 #include "test_support.hpp"
 
-namespace {
-std::atomic<long> g_news{0};
-}  // namespace
-
-// The replaceable global allocation functions, counting every call (as test_decode_alloc).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-void* operator new(std::size_t n) {
-  g_news.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(n ? n : 1)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t n) {
-  g_news.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(n ? n : 1)) return p;
-  throw std::bad_alloc();
-}
-void* operator new(std::size_t n, std::align_val_t a) {
-  g_news.fetch_add(1, std::memory_order_relaxed);
-  const std::size_t al = static_cast<std::size_t>(a);
-  if (void* p = std::aligned_alloc(al, (n + al - 1) / al * al)) return p;
-  throw std::bad_alloc();
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+#include "counting_new.hpp"  // counts every operator new in linen_test::g_news
 
 namespace {
 
@@ -59,13 +30,13 @@ using linen::Tensor;
 // Counts operator new calls, and (eigen = true) forbids Eigen's allocator, while alive.
 class NoAllocation {
  public:
-  explicit NoAllocation(bool eigen = true) : start_(g_news.load()), eigen_(eigen) {
+  explicit NoAllocation(bool eigen = true) : start_(linen_test::g_news.load()), eigen_(eigen) {
     if (eigen_) Eigen::internal::set_is_malloc_allowed(false);
   }
   ~NoAllocation() {
     if (eigen_) Eigen::internal::set_is_malloc_allowed(true);
   }
-  long count() const { return g_news.load() - start_; }
+  long count() const { return linen_test::g_news.load() - start_; }
 
  private:
   long start_;

@@ -12,37 +12,7 @@
 
 #include "test_support.hpp"
 
-namespace {
-std::atomic<long> g_news{0};
-}  // namespace
-
-// The replaceable global allocation functions, counting every call. (GCC's
-// -Wmismatched-new-delete cannot see that these news and deletes pair up.)
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-void* operator new(std::size_t n) {
-  g_news.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(n ? n : 1)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t n) {
-  g_news.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(n ? n : 1)) return p;
-  throw std::bad_alloc();
-}
-void* operator new(std::size_t n, std::align_val_t a) {
-  g_news.fetch_add(1, std::memory_order_relaxed);
-  const std::size_t al = static_cast<std::size_t>(a);
-  if (void* p = std::aligned_alloc(al, (n + al - 1) / al * al)) return p;
-  throw std::bad_alloc();
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+#include "counting_new.hpp"  // counts every operator new in linen_test::g_news
 
 namespace {
 
@@ -53,9 +23,9 @@ using linen::Tensor;
 // Counts operator new calls and forbids Eigen's allocator while alive.
 class NoAllocation {
  public:
-  NoAllocation() : start_(g_news.load()) { Eigen::internal::set_is_malloc_allowed(false); }
+  NoAllocation() : start_(linen_test::g_news.load()) { Eigen::internal::set_is_malloc_allowed(false); }
   ~NoAllocation() { Eigen::internal::set_is_malloc_allowed(true); }
-  long count() const { return g_news.load() - start_; }
+  long count() const { return linen_test::g_news.load() - start_; }
 
  private:
   long start_;
@@ -99,9 +69,9 @@ void expect_no_allocation_after_warm_up(Index E, Index H, bool normalize_qk, boo
   EXPECT_EQ(cache.cache_index, L);
   // The counter works: a step through apply allocates (it returns a new tensor).
   auto fresh = attn.init_cache(vars.params, {B0, B1}, L);
-  const long before = g_news.load();
+  const long before = linen_test::g_news.load();
   (void)attn.apply(vars.params, fresh, x, call);
-  EXPECT_GT(g_news.load() - before, 0);
+  EXPECT_GT(linen_test::g_news.load() - before, 0);
 }
 
 TEST(DecodeAllocation, FloatNoneAfterWarmUp) { expect_no_allocation_after_warm_up<float, float>(64, 4, false, false); }
