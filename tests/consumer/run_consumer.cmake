@@ -39,15 +39,8 @@ if(NOT EXISTS "${project_dir}/CMakeLists.txt")
 endif()
 set(tag "[consumer_${KIND}]")
 
-# Runs a command; stops with the command line and its exit code if it fails.
-function(run_step what)
-  string(REPLACE ";" " " shown "${ARGN}")
-  message(STATUS "${tag} ${what}: ${shown}")
-  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc)
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "${tag} ${what} failed (exit ${rc}): ${shown}")
-  endif()
-endfunction()
+# run_step(<what> <command...>) (run_step.cmake): runs a command, stops if it fails.
+include("${CMAKE_CURRENT_LIST_DIR}/run_step.cmake")
 
 # Values are written to an initial cache file (cmake -C), so that lists and
 # paths with spaces reach the consumer unmangled.

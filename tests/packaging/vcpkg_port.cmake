@@ -58,14 +58,7 @@ else()
   set(FEATURES core io)
 endif()
 
-function(run_step what)
-  string(REPLACE ";" " " shown "${ARGN}")
-  message(STATUS "${tag} ${what}: ${shown}")
-  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc)
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "${tag} ${what} failed (exit ${rc}): ${shown}")
-  endif()
-endfunction()
+include("${CMAKE_CURRENT_LIST_DIR}/../consumer/run_step.cmake")
 
 # ---- vcpkg's helpers, restated (vcpkg/scripts/cmake, ports/vcpkg-cmake*) ----
 function(vcpkg_check_features)
