@@ -138,22 +138,32 @@ class DenseGeneral {
   static void apply_rows(const Params& p, bool use_bias, const I* x, Index m, T* y,
                          detail::DenseScratch<accum_t<T>>* scratch = nullptr, bool by_row = false,
                          Eigen::ThreadPoolInterface* pool = nullptr) {
-    using C = accum_t<T>;
-    using RM = Eigen::Matrix<C, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     Index in = 1, out = 1;
     for (int i = 0; i < Axes; ++i) in *= p.kernel.dimension(i);
     for (int i = Axes; i < Axes + Features; ++i) out *= p.kernel.dimension(i);
+    multiply_rows<I>(p.kernel.data(), use_bias ? p.bias.data() : nullptr, in, out, x, m, y, scratch, by_row, pool);
+  }
+
+  // The same over a raw kernel [in, out] (row-major) and bias [out] (null: no bias): the
+  // one home of the product, which apply_rows and nnx::LinearGeneral (one call per batch
+  // slice of its kernel) share.
+  template <class I>
+  static void multiply_rows(const ParamT* kernel, const ParamT* bias, Index in, Index out, const I* x, Index m, T* y,
+                            detail::DenseScratch<accum_t<T>>* scratch = nullptr, bool by_row = false,
+                            Eigen::ThreadPoolInterface* pool = nullptr) {
+    using C = accum_t<T>;
+    using RM = Eigen::Matrix<C, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    const bool use_bias = bias != nullptr;
     Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> ym(y, m, out);
     if constexpr (std::is_same_v<I, T> && std::is_same_v<ParamT, T> && std::is_same_v<C, T>) {
       // float/double with matching types: multiply in place, no copies.
       (void)scratch;
       if (by_row) {
-        Eigen::Map<const RM> xm(x, m, in), km(p.kernel.data(), in, out);
+        Eigen::Map<const RM> xm(x, m, in), km(kernel, in, out);
         for (Index r = 0; r < m; ++r) ym.row(r).noalias() = xm.row(r) * km;
-        if (use_bias) ym.rowwise() += Eigen::Map<const Eigen::Matrix<C, 1, Eigen::Dynamic>>(p.bias.data(), out);
+        if (use_bias) ym.rowwise() += Eigen::Map<const Eigen::Matrix<C, 1, Eigen::Dynamic>>(bias, out);
       } else {
-        detail::gemm::multiply<T>(m, out, in, x, in, p.kernel.data(), out, use_bias ? p.bias.data() : nullptr, y,
-                                  out, pool);
+        detail::gemm::multiply<T>(m, out, in, x, in, kernel, out, bias, y, out, pool);
       }
     } else {
       // Flax's promote_dtype: cast inputs and params to T, then compute.
@@ -164,7 +174,7 @@ class DenseGeneral {
       s.acc.resize(static_cast<std::size_t>(m * out));
       Eigen::Map<RM> xm(s.x.data(), m, in), km(s.kernel.data(), in, out), acc(s.acc.data(), m, out);
       for (Index i = 0; i < m * in; ++i) xm.data()[i] = static_cast<C>(static_cast<T>(x[i]));
-      for (Index i = 0; i < in * out; ++i) km.data()[i] = static_cast<C>(static_cast<T>(p.kernel.data()[i]));
+      for (Index i = 0; i < in * out; ++i) km.data()[i] = static_cast<C>(static_cast<T>(kernel[i]));
       if (by_row) {
         for (Index r = 0; r < m; ++r) acc.row(r).noalias() = xm.row(r) * km;
       } else {
@@ -174,7 +184,7 @@ class DenseGeneral {
         for (Index r = 0; r < m; ++r)
           for (Index c = 0; c < out; ++c)
             ym(r, c) = static_cast<T>(static_cast<C>(static_cast<T>(acc(r, c))) +
-                                      static_cast<C>(static_cast<T>(p.bias.data()[c])));
+                                      static_cast<C>(static_cast<T>(bias[c])));
       } else {
         ym = acc.template cast<T>();
       }
