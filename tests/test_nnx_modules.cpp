@@ -16,6 +16,7 @@
 //   - numbers: float64 restatements of dot_general, the norms and the vjps;
 //   - every error path throws linen::invalid_argument / io_error naming what is at fault,
 //     and leaves the Rngs as they were.
+#include <linen/nnx/attention.hpp>
 #include <linen/nnx/grad.hpp>
 #include <linen/nnx/linear.hpp>
 #include <linen/nnx/normalization.hpp>
@@ -890,6 +891,126 @@ TEST(NnxIo, BadNamesAndShapesThrowNamingThePath) {
   nnx::LayerNorm<float> ln({4});
   vars.set("params/ln/scale", t);
   expect_throw_with([&] { io::load(vars, ln, "ln"); }, "params/ln/scale: shape (4,) expected, file has (2,)");
+}
+
+// ==== MultiHeadAttention (the parameter part) ================================================
+
+// The kernel LinearGeneral's init writes for the n-th params key: lecun_normal over `flat`.
+std::vector<float> lecun_for(std::uint32_t n, const Shape& flat) {
+  std::vector<float> w(static_cast<std::size_t>(num_elements(flat)));
+  init::lecun_normal()(nth_key(random::key(0), n), flat, w.data());
+  return w;
+}
+template <int N>
+void expect_kernel(const Tensor<float, N>& k, const Shape& shape, std::uint32_t n, const Shape& flat, const char* what) {
+  ASSERT_EQ(shape_of(k), shape) << what;
+  const auto w = lecun_for(n, flat);
+  for (Index i = 0; i < k.size(); ++i) ASSERT_EQ(k.data()[i], w[static_cast<std::size_t>(i)]) << what << "[" << i << "]";
+}
+
+TEST(NnxMultiHeadAttention, SubmodulesDrawInConstructionOrderWithGqaShapes) {
+  // num_heads=4, in_features=8, qkv_features=16 (head_dim 4), num_kv_heads=2,
+  // in_kv_features=6, out_features=5, normalize_qk, dropout_rate 0.1.
+  nnx::MultiHeadAttention<float>::Config c{4, 8, 16, 5, 2, 6};
+  c.normalize_qk = true;
+  c.dropout_rate = 0.1;
+  nnx::MultiHeadAttention<float> mha(c);
+  EXPECT_EQ(mha.head_dim(), 4);
+  nnx::Rngs rngs({{"params", 0}, {"dropout", 1}});
+  const auto v = mha.init(rngs);
+  const auto& p = v.params;
+  expect_kernel(p.query.kernel, {8, 4, 4}, 0, {8, 16}, "query/kernel");
+  EXPECT_EQ(shape_of(p.query.bias), (Shape{4, 4}));
+  expect_kernel(p.key.kernel, {6, 2, 4}, 2, {6, 8}, "key/kernel");  // [in_kv, num_kv_heads, head_dim]
+  EXPECT_EQ(shape_of(p.key.bias), (Shape{2, 4}));
+  expect_kernel(p.value.kernel, {6, 2, 4}, 4, {6, 8}, "value/kernel");
+  EXPECT_EQ(shape_of(p.query_ln.scale), (Shape{4}));  // keys 6 and 7: ones, drawn all the same
+  EXPECT_EQ(p.query_ln.bias.size(), 0);
+  EXPECT_EQ(shape_of(p.key_ln.scale), (Shape{4}));
+  expect_kernel(p.out.kernel, {4, 4, 5}, 8, {16, 5}, "out/kernel");  // [heads, head_dim, out]
+  EXPECT_EQ(shape_of(p.out.bias), (Shape{5}));
+  EXPECT_EQ(rngs["params"].count(), 10u);
+  // keep_rngs and dropout_rate > 0: the dropout stream forks once, after the params.
+  ASSERT_TRUE(v.rngs.has_value());
+  EXPECT_EQ(v.rngs->key(), nth_key(random::key(1), 0));
+  EXPECT_EQ(rngs["dropout"].count(), 1u);
+  mha.check_params(p);
+}
+
+TEST(NnxMultiHeadAttention, DefaultsFallbacksAndErrors) {
+  // nnx.MultiHeadAttention(2, 6, dropout_rate=0.5, use_bias=False, rngs=nnx.Rngs(0)): every
+  // width defaults to in_features; the dropout fork falls back to `default` and comes last.
+  nnx::MultiHeadAttention<float>::Config c{2, 6};
+  c.use_bias = false;
+  c.dropout_rate = 0.5;
+  nnx::MultiHeadAttention<float> mha(c);
+  EXPECT_EQ(mha.config().qkv_features, 6);
+  EXPECT_EQ(mha.config().out_features, 6);
+  EXPECT_EQ(mha.config().num_kv_heads, 2);
+  EXPECT_EQ(mha.config().in_kv_features, 6);
+  nnx::Rngs rngs(0);
+  const auto v = mha.init(rngs);
+  expect_kernel(v.params.query.kernel, {6, 2, 3}, 0, {6, 6}, "query/kernel");
+  expect_kernel(v.params.key.kernel, {6, 2, 3}, 1, {6, 6}, "key/kernel");
+  expect_kernel(v.params.out.kernel, {2, 3, 6}, 3, {6, 6}, "out/kernel");
+  EXPECT_EQ(v.params.out.bias.size(), 0);
+  EXPECT_EQ(v.rngs->key(), nth_key(random::key(0), 4));
+  EXPECT_EQ(rngs["default"].count(), 5u);
+  // keep_rngs=False, or no dropout: no fork.
+  c.keep_rngs = false;
+  EXPECT_FALSE(nnx::MultiHeadAttention<float>(c).init(rngs).rngs.has_value());
+  EXPECT_EQ(rngs["default"].count(), 9u);
+  // out_kernel_init is used for `out` only.
+  nnx::MultiHeadAttention<float>::Config oc{2, 6};
+  oc.out_kernel_init = init::constant{0.25};
+  const auto ov = nnx::MultiHeadAttention<float>(oc).init(rngs);
+  EXPECT_EQ(ov.params.out.kernel(1, 2, 5), 0.25f);
+  EXPECT_NE(ov.params.query.kernel(0, 0, 0), 0.25f);
+
+  expect_throw_with([] { nnx::MultiHeadAttention<float>({4, 8, 0, 0, 3}); },
+                    "num_heads (4) must be divisible by num_kv_heads (3).");
+  expect_throw_with([] { nnx::MultiHeadAttention<float>({4, 6}); },
+                    "Memory dimension (6) must be divisible by 'num_heads' heads (4).");
+  expect_throw_with([] { nnx::MultiHeadAttention<float>({0, 6}); }, "num_heads=0");
+  expect_throw_with([] { nnx::MultiHeadAttention<float>({2, 6, -2}); }, "qkv_features must be positive");
+  // A failed init (no params stream, no default) leaves the Rngs as they were.
+  nnx::Rngs only_dropout({{"dropout", 3}});
+  nnx::MultiHeadAttention<float>::Config dc{2, 6};
+  dc.dropout_rate = 0.2;
+  expect_throw_with([&] { nnx::MultiHeadAttention<float>(dc).init(only_dropout); }, "No RngStream named 'params'");
+  EXPECT_EQ(only_dropout["dropout"].count(), 0u);
+  auto wrong = v.params;
+  wrong.key.kernel.resize(6, 1, 3);
+  expect_throw_with([&] { mha.check_params(wrong); }, "kernel of shape (6, 1, 3), expected (6, 2, 3)");
+}
+
+TEST(NnxMultiHeadAttention, StateNamesBindThroughIo) {
+  nnx::MultiHeadAttention<float>::Config c{4, 8};
+  c.num_kv_heads = 2;
+  c.normalize_qk = true;
+  nnx::MultiHeadAttention<float> mha(c);
+  nnx::Rngs rngs(0);
+  const auto v = mha.init(rngs);
+  io::Variables tree;
+  io::store(tree, v.params, "attn");
+  // nnx.State names with '.' and `value`, as an nnx user's safetensors file holds them.
+  io::Variables state;
+  for (const auto& [path, a] : io::to_nnx_state(tree, "params", true)) {
+    std::string dotted = path;
+    for (char& ch : dotted)
+      if (ch == '/') ch = '.';
+    state.set(dotted, a);
+  }
+  EXPECT_TRUE(state.contains("attn.query_ln.scale.value"));
+  EXPECT_TRUE(state.contains("attn.value.kernel.value"));
+  const auto back = io::load(io::from_nnx_state(state), mha, "attn");
+  EXPECT_EQ(shape_of(back.key.kernel), (Shape{8, 2, 2}));
+  for (Index i = 0; i < back.value.kernel.size(); ++i) EXPECT_EQ(back.value.kernel.data()[i], v.params.value.kernel.data()[i]);
+  EXPECT_EQ(shape_of(back.key_ln.scale), (Shape{2}));
+  EXPECT_EQ(tree.size(), 10u);  // 4 kernels, 4 biases, 2 scales
+  io::Variables missing = tree;
+  missing.erase("params/attn/key_ln/scale");
+  expect_throw_with([&] { io::load(missing, mha, "attn"); }, "missing tensor 'params/attn/key_ln/scale'");
 }
 
 }  // namespace

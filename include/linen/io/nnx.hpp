@@ -25,6 +25,9 @@
 //   nnx::Embed           params/embedding [num_embeddings, features]
 //   nnx::LayerNorm       params/scale, params/bias [num_features] (as use_scale / use_bias)
 //   nnx::RMSNorm         params/scale [num_features] (use_scale)
+//   nnx::MultiHeadAttention  params/{query,key,value,out}/... as LinearGeneral, with
+//                        key/value [in_kv_features, num_kv_heads, head_dim], and
+//                        params/{query_ln,key_ln}/scale [head_dim] (normalize_qk)
 // A missing tensor or a wrong shape throws linen::io_error naming the path and both
 // shapes.
 #ifndef LINEN_IO_NNX_HPP
@@ -36,6 +39,7 @@
 #include <vector>
 
 #include "../errors.hpp"
+#include "../nnx/attention.hpp"
 #include "../nnx/linear.hpp"
 #include "../nnx/normalization.hpp"
 #include "../tensor.hpp"
@@ -171,6 +175,22 @@ RMSNormParams<ParamT> load(const ConstScope& vars, const nnx::RMSNorm<T, ParamT>
   return p;
 }
 
+template <class T, class ParamT>
+nnx::MultiHeadAttentionParams<ParamT> load(const ConstScope& vars, const nnx::MultiHeadAttention<T, ParamT>& module,
+                                           const std::string& path = "") {
+  const ConstScope s = detail::scope_at(vars, path);
+  nnx::MultiHeadAttentionParams<ParamT> p;
+  p.query = load(s, module.query(), "query");
+  p.key = load(s, module.key(), "key");
+  p.value = load(s, module.value(), "value");
+  if (module.config().normalize_qk) {
+    p.query_ln = load(s, module.query_ln(), "query_ln");
+    p.key_ln = load(s, module.key_ln(), "key_ln");
+  }
+  p.out = load(s, module.out(), "out");
+  return p;
+}
+
 // ---- store -----------------------------------------------------------------------------
 // Linear's, Embed's, LayerNorm's and RMSNorm's params are linen's types, which
 // io/modules.hpp's store writes under the same names; LinearGeneral's:
@@ -181,6 +201,17 @@ void store(const Scope& vars, const nnx::LinearGeneralParams<ParamT, Axes, Featu
   const Scope s = detail::scope_at(vars, path);
   s.set("params/kernel", p.kernel);
   if (p.bias.size() > 0) s.set("params/bias", p.bias);
+}
+
+template <class ParamT>
+void store(const Scope& vars, const nnx::MultiHeadAttentionParams<ParamT>& p, const std::string& path = "") {
+  const Scope s = detail::scope_at(vars, path);
+  store(s, p.query, "query");
+  store(s, p.key, "key");
+  store(s, p.value, "value");
+  store(s, p.query_ln, "query_ln");  // writes nothing when the scale is empty (no normalize_qk)
+  store(s, p.key_ln, "key_ln");
+  store(s, p.out, "out");
 }
 
 }  // namespace linen::io
