@@ -476,6 +476,62 @@ TEST(NnxLinearGeneral, ErrorsNameTheFieldAndShape) {
   expect_throw_with([&] { good.apply(wrong, ok); }, "kernel of shape (2, 3, 5), expected (2, 3, 4)");
 }
 
+// LinearGeneral's product is DenseGeneral's core: for every dtype (half types promote and
+// accumulate in float) the same bits as linen's DenseGeneral on the same parameters, and the
+// same vjp.
+template <class T>
+class NnxLinearGeneralTyped : public ::testing::Test {};
+using NnxTypes = ::testing::Types<float, double, Eigen::half, Eigen::bfloat16>;
+TYPED_TEST_SUITE(NnxLinearGeneralTyped, NnxTypes);
+
+TYPED_TEST(NnxLinearGeneralTyped, BitsAreLinenDenseGeneralsPerBatchSlice) {
+  using T = TypeParam;
+  nnx::Rngs rngs(3);
+  nnx::LinearGeneral<T, float, 2, 1> lg({{3, 4}, {5}, {-2, -1}});
+  auto p = lg.init(rngs);
+  p.bias = filled<float, 1>({5}, 31);
+  const auto x = filled<float, 3>({2, 3, 4}, 32);
+  typename linen::DenseGeneral<T, float, 2, 1>::Config dgc;
+  dgc.features = {5};
+  const linen::DenseGeneral<T, float, 2, 1> dg(dgc);
+  const linen::DenseParams<float, 2, 1> dp{p.kernel, p.bias};
+  const auto y = lg.apply(p, x), want = dg.apply(dp, x);
+  ASSERT_EQ(shape_of(y), shape_of(want));
+  for (Index i = 0; i < y.size(); ++i) EXPECT_EQ(static_cast<float>(y.data()[i]), static_cast<float>(want.data()[i])) << i;
+  Tensor<T, 2> g(2, 5);
+  for (Index i = 0; i < g.size(); ++i) g.data()[i] = static_cast<T>(0.25f * static_cast<float>(i) - 1.0f);
+  const auto a = nnx::vjp(lg, p, x).pullback(g);
+  const auto b = linen::vjp(dg, dp, x).pullback(g);
+  for (Index i = 0; i < a.params.kernel.size(); ++i) EXPECT_EQ(a.params.kernel.data()[i], b.params.kernel.data()[i]);
+  for (Index i = 0; i < a.params.bias.size(); ++i) EXPECT_EQ(a.params.bias.data()[i], b.params.bias.data()[i]);
+  for (Index i = 0; i < a.input.size(); ++i) EXPECT_EQ(a.input.data()[i], b.input.data()[i]);
+
+  // batch_axis {0: 2}: slice b is a DenseGeneral with kernel[b], bias[b].
+  typename nnx::LinearGeneral<T, float, 1, 1, 1>::Config bc{{4}, {3}};
+  bc.batch_axis = {{0, 2}};
+  nnx::LinearGeneral<T, float, 1, 1, 1> lb(bc);
+  auto pb = lb.init(rngs);
+  pb.bias = filled<float, 2>({2, 3}, 33);
+  const auto xb = filled<float, 3>({2, 5, 4}, 34);
+  const auto yb = lb.apply(pb, xb);
+  ASSERT_EQ(shape_of(yb), (Shape{2, 5, 3}));
+  typename linen::DenseGeneral<T, float, 1, 1>::Config d1c;
+  d1c.features = {3};
+  const linen::DenseGeneral<T, float, 1, 1> d1(d1c);
+  for (Index b = 0; b < 2; ++b) {
+    linen::DenseParams<float, 1, 1> sp;
+    sp.kernel.resize(4, 3);
+    sp.bias.resize(3);
+    for (Index i = 0; i < 12; ++i) sp.kernel.data()[i] = pb.kernel.data()[b * 12 + i];
+    for (Index i = 0; i < 3; ++i) sp.bias(i) = pb.bias(b, i);
+    Tensor<float, 2> xs(5, 4);
+    for (Index i = 0; i < 20; ++i) xs.data()[i] = xb.data()[b * 20 + i];
+    const auto ys = d1.apply(sp, xs);
+    for (Index i = 0; i < 15; ++i)
+      EXPECT_EQ(static_cast<float>(yb.data()[b * 15 + i]), static_cast<float>(ys.data()[i])) << b << "," << i;
+  }
+}
+
 // ==== Embed ================================================================================
 
 TEST(NnxEmbed, FlaxDocstringTableKnownAnswer) {
