@@ -532,6 +532,27 @@ TYPED_TEST(NnxLinearGeneralTyped, BitsAreLinenDenseGeneralsPerBatchSlice) {
   }
 }
 
+TEST(NnxLinearGeneral, EmptyBatchesGiveEmptyOutputsAndCotangents) {
+  nnx::Rngs rngs(0);
+  nnx::LinearGeneral<float, float, 1, 1, 1>::Config c{{3}, {4}};
+  c.batch_axis = {{0, 2}};
+  nnx::LinearGeneral<float, float, 1, 1, 1> lg(c);
+  const auto p = lg.init(rngs);
+  Tensor<float, 3> x(2, 0, 3);
+  const auto y = lg.apply(p, x);
+  EXPECT_EQ(shape_of(y), (Shape{2, 0, 4}));
+  auto v = nnx::vjp(lg, p, x);
+  const auto g = v.pullback(Tensor<float, 3>(2, 0, 4));
+  EXPECT_EQ(shape_of(g.input), (Shape{2, 0, 3}));
+  for (Index i = 0; i < g.params.kernel.size(); ++i) EXPECT_EQ(g.params.kernel.data()[i], 0.0f);
+  for (Index i = 0; i < g.params.bias.size(); ++i) EXPECT_EQ(g.params.bias.data()[i], 0.0f);
+  nnx::Linear<float> lin({3, 4});
+  const auto lp = lin.init(rngs);
+  EXPECT_EQ(shape_of(lin.apply(lp, Tensor<float, 2>(0, 3))), (Shape{0, 4}));
+  // A cotangent of the wrong shape is refused, naming both shapes.
+  expect_throw_with([&] { v.pullback(Tensor<float, 3>(2, 1, 4)); }, "nnx::LinearGeneral vjp");
+}
+
 // ==== Embed ================================================================================
 
 TEST(NnxEmbed, FlaxDocstringTableKnownAnswer) {
@@ -850,6 +871,12 @@ TEST(NnxDropout, FailedCallsDrawNothing) {
   expect_throw_with([&] { bad.apply(bs, x, {std::nullopt, &call}); }, "axis 5");
   EXPECT_EQ(call["dropout"].count(), 0u);
   expect_throw_with([] { nnx::Dropout({1.5}); }, "rate must be in [0, 1], got 1.5");
+  nnx::Dropout ok({0.5});
+  auto os = ok.init(rngs);
+  expect_throw_with([&] { ok.apply(os, x, {std::nullopt, static_cast<nnx::Rngs*>(nullptr)}); }, "null Rngs pointer");
+  expect_throw_with([&] { ok.apply(os, x, {std::nullopt, static_cast<nnx::RngStream*>(nullptr)}); },
+                    "null RngStream pointer");
+  EXPECT_EQ(os.rngs->count(), 0u);
 }
 
 // ==== io: nnx state names ==================================================================
