@@ -22,8 +22,9 @@
 //                they pair with the kernel's in dims, as _normalize_axes does), and
 //                batch_axis {0: B0, 1: B1, ...} adds leading batch dims to the kernel:
 //                kernel_init sees (prod(batch) * prod(in_features), prod(out_features)) (the
-//                batch folded into fan_in), bias_init (prod(bias shape),). The product is
-//                DenseGeneral's core (multiply_rows), once per batch slice of the kernel.
+//                batch folded into fan_in, as linen's DenseGeneral folds batch_dims), bias_init
+//                (prod(bias shape),). The product is DenseGeneral's core (multiply_rows),
+//                once per batch slice of the kernel.
 // Embed          embedding [num_embeddings, features] (embedding_init: draw 1), looked up
 //                and attended by linen's Embed.
 //
