@@ -946,6 +946,36 @@ TEST(NnxIo, StateNamesWithAndWithoutValueBindToTheModules) {
   EXPECT_EQ(io::load(tree, rms, "final_norm").scale.dimension(0), 4);
 }
 
+// nnx's scan-over-layers pattern (layers made under nnx.vmap, run with nnx.scan): every
+// parameter has a leading layer axis, `blocks/linear/kernel.value` [L, in, out]. A layer
+// scope reads layer i's slice.
+TEST(NnxIo, StackedLayersBindThroughALayerScope) {
+  nnx::Rngs rngs(0);
+  nnx::Linear<float> lin({3, 2});
+  std::vector<io::Variables> layers(3);
+  std::vector<nnx::Linear<float>::Params> ps;
+  for (auto& l : layers) {
+    ps.push_back(lin.init(rngs));
+    io::store(l, ps.back(), "linear");
+  }
+  io::Variables tree;
+  io::store_stacked(io::Scope(tree).push("blocks"), layers);
+  io::Variables state;
+  for (const auto& [path, a] : io::to_nnx_state(tree, "params", true)) {
+    std::string dotted = path;
+    for (char& ch : dotted)
+      if (ch == '/') ch = '.';
+    state.set(dotted, a);
+  }
+  EXPECT_TRUE(state.contains("blocks.linear.kernel.value"));
+  EXPECT_EQ(state.at("blocks.linear.kernel.value").shape(), (Shape{3, 3, 2}));
+  const io::Variables vars = io::from_nnx_state(state);
+  for (Index i = 0; i < 3; ++i) {
+    const auto p = io::load(io::ConstScope(vars).push("blocks").layer(i, 3), lin, "linear");
+    for (Index j = 0; j < 6; ++j) EXPECT_EQ(p.kernel.data()[j], ps[static_cast<std::size_t>(i)].kernel.data()[j]);
+  }
+}
+
 TEST(NnxIo, BadNamesAndShapesThrowNamingThePath) {
   io::Variables clash;
   Tensor<float, 1> t(2);
