@@ -15,12 +15,15 @@
 // same macros as explicit instantiation definitions, so the two cannot drift apart.
 //
 // Why noinline on the declarations: member functions defined in a class body are inline,
-// and for an inline function an explicit instantiation declaration does not stop the
-// compiler from instantiating it to inline it (C++17 [temp.explicit]/10); GCC and Clang
-// do so at -O1 and above, which would leave the compile time where it was. Declared
-// noinline, the function is not instantiated (GCC) or not compiled (Clang) in the
-// consumer's TU. The attribute is on the declaration of one specialization only: the
-// library's definitions and header-only builds are as before.
+// and an explicit instantiation declaration does not suppress the implicit instantiation
+// of an inline function ([temp.explicit]): GCC and Clang instantiate it anyway, to be able
+// to inline it, and at -O1 and above optimise the whole call tree under it, kernels
+// included, only to drop it. Declared noinline, the specialization is neither inlined nor
+// compiled in the consumer's TU (the compilers still instantiate its body, which is most
+// of what remains of the TU's compile time); non-inline function templates (the
+// functional API, the vjp entry, the backward kernels) are not even instantiated. The
+// attribute is on the declaration of one specialization only: the library's definitions
+// and header-only builds are as before.
 #ifndef LINEN_DETAIL_COMPILED_COMMON_HPP
 #define LINEN_DETAIL_COMPILED_COMMON_HPP
 
