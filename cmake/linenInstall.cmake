@@ -7,8 +7,14 @@
 #   <prefix>/share/cmake/linen/linenIoTargets.cmake  linen::io (if built with nlohmann_json)
 #   <prefix>/share/cmake/linen/linenDispatchTargets.cmake, <prefix>/lib/liblinen_dispatch.a
 #                                                    linen::dispatch (if built)
+#   <prefix>/share/cmake/linen/linenCompiledTargets.cmake, <prefix>/lib/liblinen_compiled.a
+#                                                    linen::compiled (if built)
 #   <prefix>/share/pkgconfig/linen.pc                pkg-config --cflags linen
 #   <prefix>/share/pkgconfig/linen-io.pc             pkg-config --cflags --libs linen-io
+#   <prefix>/lib/pkgconfig/linen-dispatch.pc         pkg-config --cflags --libs linen-dispatch
+#   <prefix>/lib/pkgconfig/linen-compiled.pc         pkg-config --cflags --libs linen-compiled
+#                                                    (the static libraries' files are
+#                                                    architecture-specific: under lib/)
 #   <prefix>/share/doc/linen/LICENSE
 #
 # linen is header-only and the same on every architecture, so the package (and the
@@ -57,6 +63,25 @@ else()
   set(LINEN_DISPATCH_EXPORTED OFF)
 endif()
 
+# linen::compiled (a static library for the architecture it was built on): its own
+# export set; linenConfig offers it, as the component `compiled`, to consumers of that
+# architecture. It links linen::dispatch when that was built.
+if(TARGET linen_compiled)
+  set(LINEN_COMPILED_EXPORTED ON)
+  set(LINEN_COMPILED_PROCESSOR "${CMAKE_SYSTEM_PROCESSOR}")
+  set(LINEN_COMPILED_SIZEOF_VOID_P "${CMAKE_SIZEOF_VOID_P}")
+  install(TARGETS linen_compiled EXPORT linenCompiledTargets
+          ARCHIVE DESTINATION "${CMAKE_INSTALL_LIBDIR}")
+  install(EXPORT linenCompiledTargets
+          NAMESPACE linen::
+          DESTINATION "${LINEN_INSTALL_CMAKEDIR}")
+else()
+  set(LINEN_COMPILED_EXPORTED OFF)
+  set(LINEN_COMPILED_WITH_DISPATCH OFF)
+  set(LINEN_COMPILED_PROCESSOR "")
+  set(LINEN_COMPILED_SIZEOF_VOID_P "")
+endif()
+
 configure_package_config_file(
   "${PROJECT_SOURCE_DIR}/cmake/linenConfig.cmake.in"
   "${PROJECT_BINARY_DIR}/linenConfig.cmake"
@@ -99,4 +124,36 @@ if(LINEN_IO_HAS_JSON)
   endif()
   configure_file("${PROJECT_SOURCE_DIR}/cmake/linen-io.pc.in" "${PROJECT_BINARY_DIR}/pkgconfig/linen-io.pc" @ONLY)
   install(FILES "${PROJECT_BINARY_DIR}/pkgconfig/linen-io.pc" DESTINATION "${LINEN_INSTALL_PKGCONFIGDIR}")
+endif()
+
+# The static libraries' pkg-config files, under the library directory (they name an
+# architecture's archive): linen-dispatch (linen::dispatch) and linen-compiled
+# (linen::compiled, with linen-dispatch when it was built with it).
+set(LINEN_INSTALL_LIB_PKGCONFIGDIR "${CMAKE_INSTALL_LIBDIR}/pkgconfig"
+    CACHE STRING "Where linen's pkg-config files for its static libraries are installed, relative to the prefix")
+mark_as_advanced(LINEN_INSTALL_LIB_PKGCONFIGDIR)
+if(TARGET linen_dispatch OR TARGET linen_compiled)
+  if(IS_ABSOLUTE "${LINEN_INSTALL_LIB_PKGCONFIGDIR}" OR IS_ABSOLUTE "${CMAKE_INSTALL_LIBDIR}")
+    set(LINEN_PC_LIB_PREFIX "${CMAKE_INSTALL_PREFIX}")
+    set(LINEN_PC_LIBDIR "${CMAKE_INSTALL_FULL_LIBDIR}")
+  else()
+    file(RELATIVE_PATH _linen_pc_up "/prefix/${LINEN_INSTALL_LIB_PKGCONFIGDIR}" "/prefix")
+    string(REGEX REPLACE "/$" "" _linen_pc_up "${_linen_pc_up}")
+    set(LINEN_PC_LIB_PREFIX "\${pcfiledir}/${_linen_pc_up}")
+    set(LINEN_PC_LIBDIR "\${prefix}/${CMAKE_INSTALL_LIBDIR}")
+    unset(_linen_pc_up)
+  endif()
+endif()
+if(TARGET linen_dispatch)
+  configure_file("${PROJECT_SOURCE_DIR}/cmake/linen-dispatch.pc.in" "${PROJECT_BINARY_DIR}/pkgconfig/linen-dispatch.pc" @ONLY)
+  install(FILES "${PROJECT_BINARY_DIR}/pkgconfig/linen-dispatch.pc" DESTINATION "${LINEN_INSTALL_LIB_PKGCONFIGDIR}")
+endif()
+if(TARGET linen_compiled)
+  if(LINEN_COMPILED_WITH_DISPATCH)
+    set(LINEN_PC_COMPILED_REQUIRES "linen-dispatch = ${PROJECT_VERSION}")
+  else()
+    set(LINEN_PC_COMPILED_REQUIRES "linen = ${PROJECT_VERSION}")
+  endif()
+  configure_file("${PROJECT_SOURCE_DIR}/cmake/linen-compiled.pc.in" "${PROJECT_BINARY_DIR}/pkgconfig/linen-compiled.pc" @ONLY)
+  install(FILES "${PROJECT_BINARY_DIR}/pkgconfig/linen-compiled.pc" DESTINATION "${LINEN_INSTALL_LIB_PKGCONFIGDIR}")
 endif()

@@ -1187,4 +1187,8 @@ class SelfAttention : private MultiHeadDotProductAttention<T, ParamT> {
 
 }  // namespace linen
 
+#ifdef LINEN_COMPILED  // linen::compiled: its instantiations, declared extern
+#include "detail/compiled/attention.hpp"
+#endif
+
 #endif  // LINEN_ATTENTION_HPP

@@ -238,4 +238,8 @@ class DenseGeneral {
 
 }  // namespace linen
 
+#ifdef LINEN_COMPILED  // linen::compiled: its instantiations, declared extern
+#include "detail/compiled/dense.hpp"
+#endif
+
 #endif  // LINEN_DENSE_HPP

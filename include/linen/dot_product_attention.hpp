@@ -387,4 +387,8 @@ dot_product_attention(
 
 }  // namespace linen
 
+#ifdef LINEN_COMPILED  // linen::compiled: its instantiations, declared extern
+#include "detail/compiled/dot_product_attention.hpp"
+#endif
+
 #endif  // LINEN_DOT_PRODUCT_ATTENTION_HPP

@@ -634,4 +634,8 @@ void vjp(const SelfAttention<T, ParamT>&, AttentionVariables<T, ParamT>&&, Rest&
 
 }  // namespace linen
 
+#ifdef LINEN_COMPILED  // linen::compiled: its instantiations, declared extern
+#include "detail/compiled/grad.hpp"
+#endif
+
 #endif  // LINEN_GRAD_HPP

@@ -158,4 +158,8 @@ class LayerNorm {
 
 }  // namespace linen
 
+#ifdef LINEN_COMPILED  // linen::compiled: its instantiations, declared extern
+#include "detail/compiled/layer_norm.hpp"
+#endif
+
 #endif  // LINEN_LAYER_NORM_HPP

@@ -7,7 +7,13 @@
 #   cmake -DLINEN_BINARY_DIR=<configured build> -DLINEN_VERSION=<x.y.z>
 #         -DWORK_DIR=<scratch dir, emptied first> -DCXX_COMPILER=<...>
 #         -DPKG_CONFIG=<pkg-config executable> -DINSTALL_PKGCONFIGDIR=share/pkgconfig
-#         -DINSTALL_INCLUDEDIR=include [-DEXPECT_IO=ON] -P pkg_config.cmake
+#         -DINSTALL_INCLUDEDIR=include [-DEXPECT_IO=ON]
+#         [-DINSTALL_LIB_PKGCONFIGDIR=lib/pkgconfig -DEXPECT_DISPATCH=1 -DEXPECT_COMPILED=1]
+#         -P pkg_config.cmake
+# With EXPECT_DISPATCH it also builds tests/consumer/find_package_dispatch/main.cpp with
+# `pkg-config --cflags --libs linen-dispatch`, with EXPECT_COMPILED
+# tests/consumer/find_package_compiled/main.cpp with `... linen-compiled`, and runs them
+# (those .pc files are under the library directory, INSTALL_LIB_PKGCONFIGDIR).
 cmake_minimum_required(VERSION 3.20)
 
 foreach(var IN ITEMS LINEN_BINARY_DIR LINEN_VERSION WORK_DIR CXX_COMPILER PKG_CONFIG
@@ -46,10 +52,14 @@ if(NOT EXISTS "${pcdir}/linen.pc")
   message(FATAL_ERROR "${tag} the install tree lacks ${INSTALL_PKGCONFIGDIR}/linen.pc")
 endif()
 # The install's .pc files first, then the system's (eigen3, nlohmann_json, libzstd).
+set(install_pcdirs "${pcdir}")
+if(INSTALL_LIB_PKGCONFIGDIR)
+  string(APPEND install_pcdirs ":${prefix}/${INSTALL_LIB_PKGCONFIGDIR}")
+endif()
 if(DEFINED ENV{PKG_CONFIG_PATH} AND NOT "$ENV{PKG_CONFIG_PATH}" STREQUAL "")
-  set(ENV{PKG_CONFIG_PATH} "${pcdir}:$ENV{PKG_CONFIG_PATH}")
+  set(ENV{PKG_CONFIG_PATH} "${install_pcdirs}:$ENV{PKG_CONFIG_PATH}")
 else()
-  set(ENV{PKG_CONFIG_PATH} "${pcdir}")
+  set(ENV{PKG_CONFIG_PATH} "${install_pcdirs}")
 endif()
 
 run_step("version" version "${PKG_CONFIG}" --modversion linen)
@@ -94,4 +104,49 @@ if(EXPECT_IO)
            ${io_cflags_list} "${here}/pkg_config/io_main.cpp" -o "${WORK_DIR}/io" ${io_libs_list})
   run_step("run io" ignored "${WORK_DIR}/io" "${WORK_DIR}/scratch")
 endif()
+# The static libraries: their .pc files under the library directory, naming the
+# install tree's archives.
+foreach(lib IN ITEMS dispatch compiled)
+  string(TOUPPER "${lib}" upper)
+  if(NOT EXPECT_${upper})
+    continue()
+  endif()
+  set(pc "${prefix}/${INSTALL_LIB_PKGCONFIGDIR}/linen-${lib}.pc")
+  if(NOT INSTALL_LIB_PKGCONFIGDIR OR NOT EXISTS "${pc}")
+    message(FATAL_ERROR "${tag} the build has linen::${lib} but the install tree lacks ${INSTALL_LIB_PKGCONFIGDIR}/linen-${lib}.pc")
+  endif()
+  run_step("${lib} cflags" ${lib}_cflags "${PKG_CONFIG}" --cflags linen-${lib})
+  run_step("${lib} libs" ${lib}_libs "${PKG_CONFIG}" --libs linen-${lib})
+  separate_arguments(${lib}_cflags_list UNIX_COMMAND "${${lib}_cflags}")
+  separate_arguments(${lib}_libs_list UNIX_COMMAND "${${lib}_libs}")
+  # -L must be the moved install tree's library directory, holding the archive.
+  set(found_archive FALSE)
+  foreach(flag IN LISTS ${lib}_libs_list)
+    if(NOT flag MATCHES "^-L(.*)$")
+      continue()
+    endif()
+    set(libdir "${CMAKE_MATCH_1}")
+    if(EXISTS "${libdir}/liblinen_${lib}.a")
+      get_filename_component(dir "${libdir}" REALPATH)
+      get_filename_component(want "${prefix}" REALPATH)
+      string(FIND "${dir}/" "${want}/" at)
+      if(NOT at EQUAL 0)
+        message(FATAL_ERROR "${tag} liblinen_${lib}.a comes from ${dir}, not the install tree ${want}")
+      endif()
+      set(found_archive TRUE)
+    endif()
+  endforeach()
+  if(NOT found_archive)
+    message(FATAL_ERROR "${tag} `pkg-config --libs linen-${lib}` (${${lib}_libs}) names no directory with liblinen_${lib}.a")
+  endif()
+  if(lib STREQUAL "compiled")
+    set(extra -DLINEN_CONSUMER_EXPECT_COMPILED=1)
+  else()
+    set(extra "")
+  endif()
+  run_step("compile find_package_${lib}/main.cpp" ignored "${CXX_COMPILER}" -std=c++17 -O1 -Wall -Wextra
+           ${${lib}_cflags_list} ${extra} "${here}/find_package_${lib}/main.cpp" -o "${WORK_DIR}/${lib}"
+           ${${lib}_libs_list})
+  run_step("run ${lib}" ignored "${WORK_DIR}/${lib}")
+endforeach()
 message(STATUS "${tag} passed")

@@ -1,7 +1,7 @@
 # Builds and runs one consumer project of tests/consumer/ against the linen
 # under test, in a fresh directory. Run by ctest (tests/CMakeLists.txt) as
 #
-#   cmake -DKIND=<find_package|find_package_no_msgpack|find_package_dispatch|add_subdirectory|fetchcontent>
+#   cmake -DKIND=<find_package|find_package_no_msgpack|find_package_dispatch|find_package_compiled|add_subdirectory|fetchcontent>
 #         -DLINEN_SOURCE_DIR=<checkout> -DLINEN_BINARY_DIR=<configured build>
 #         -DLINEN_VERSION=<x.y.z> -DWORK_DIR=<scratch dir, emptied first>
 #         -DGENERATOR=<...> [-DGENERATOR_PLATFORM=] [-DGENERATOR_TOOLSET=]
@@ -17,6 +17,8 @@
 #                     consumer is configured with find_package(msgpack-cxx) and
 #                     find_package(msgpack) disabled, yet gets linen::io;
 #   find_package_dispatch: the same install; the consumer links linen::dispatch;
+#   find_package_compiled: the same install; the consumer links linen::compiled and
+#                     compares it with a header-only build (same_bits.cmake);
 #   add_subdirectory: the consumer adds <LINEN_SOURCE_DIR> as a subdirectory;
 #   fetchcontent:     the library part of <LINEN_SOURCE_DIR> is packed into
 #                     <WORK_DIR>/linen-<version>.tar.gz, which the consumer fetches.
