@@ -329,6 +329,31 @@ TYPED_TEST(JaxNn, GqaEqualsRepeatedHeadsBitForBit) {
     }
 }
 
+// Threads change no bit (each work item is one thread's; the row kernel's chunks are fixed).
+TYPED_TEST(JaxNn, ThreadsChangeNothing) {
+  using T = TypeParam;
+  const Index B = 2, Tq = 70, S = 90, N = 4, K = 2, H = 16;
+  const auto q = random_tensor<T, 4>({B, Tq, N, H}, 111);
+  const auto k = random_tensor<T, 4>({B, S, K, H}, 112);
+  const auto v = random_tensor<T, 4>({B, S, K, H}, 113);
+  Tensor<std::int32_t, 1> qlen(B), kvlen(B);
+  qlen.setValues({70, 33});
+  kvlen.setValues({41, 90});
+  jn::Options<T> o;
+  o.is_causal = true;
+  o.local_window_size = jn::WindowSize(20, 5);
+  o.query_seq_lengths = qlen;
+  o.key_value_seq_lengths = kvlen;
+  Eigen::ThreadPool pool(3);
+  jn::Options<T> ot = o;
+  ot.thread_pool = &pool;
+  for (int path : {1, 2}) {
+    const Outcome<T> one = run(q, k, v, o, path, 8), many = run(q, k, v, ot, path, 8);
+    EXPECT_TRUE(same_bits(one.out, many.out)) << path;
+    EXPECT_TRUE(same_bits(one.res, many.res)) << path;
+  }
+}
+
 // A local window equals its band given as a mask (any window: negative sizes, wider than
 // the sequence, with the causal flag), also when whole tiles lie outside the band.
 TYPED_TEST(JaxNn, WindowEqualsBandMask) {
