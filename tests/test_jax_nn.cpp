@@ -532,7 +532,7 @@ TYPED_TEST(JaxNn, PaddedRowsWithNonFiniteValues) {
 }
 
 // Empty axes: a query length of 0 (nothing to write), a kv length of 0 (zeros, the
-// residual -inf: logsumexp of nothing).
+// residual -inf: logsumexp of nothing), a depth of 0.
 TYPED_TEST(JaxNn, EmptyAxes) {
   using T = TypeParam;
   const auto q0 = random_tensor<T, 4>({2, 0, 2, 4}, 81);
@@ -548,6 +548,18 @@ TYPED_TEST(JaxNn, EmptyAxes) {
   for (Index i = 0; i < r.output.size(); ++i) EXPECT_EQ(static_cast<double>(r.output.data()[i]), 0.0);
   for (Index i = 0; i < r.residual.size(); ++i)
     EXPECT_EQ(static_cast<double>(r.residual.data()[i]), -std::numeric_limits<double>::infinity());
+  // a depth of 0: the default scale 1 / sqrt(0) is inf, and 0 * inf makes the logits NaN
+  // (as numpy's and XLA's); with scale 1 the logits are 0 and the residual is log(S)
+  const Tensor<T, 4> qd(1, 3, 2, 0), kd(1, 4, 1, 0);
+  const auto rd = jn::dot_product_attention_with_residual(qd, kd, kd);
+  EXPECT_EQ(rd.output.size(), 0);
+  for (Index i = 0; i < rd.residual.size(); ++i) EXPECT_TRUE(std::isnan(static_cast<double>(rd.residual.data()[i])));
+  jn::Options<T> one;
+  one.scale = 1.0;
+  const auto r1 = jn::dot_product_attention_with_residual(qd, kd, kd, one);
+  for (Index i = 0; i < r1.residual.size(); ++i)
+    EXPECT_EQ(static_cast<double>(r1.residual.data()[i]),
+              static_cast<double>(static_cast<T>(static_cast<float>(std::log(4.0f)))));
 }
 
 // Every error: a linen::invalid_argument naming the value, and nothing written.

@@ -155,9 +155,10 @@ struct AttentionProblem {
   //     i - window_left <= j <= i + window_right (with `causal` too: both hold).
   //   kv_len: [B] (null: none); keys j >= kv_len[b] are masked (as a mask makes them).
   //   q_len: [B] (null: none); query rows i >= q_len[b] are masked everywhere and their
-  //     output is 0 times that row, written without computing it: 0, or NaN when a value of
-  //     the row's kv head is inf or NaN (0 * the average of the values); row_max, row_sum
-  //     those of a fully masked row (mask_value(), Lk).
+  //     output is 0 times that row: 0, or NaN in a column where a value of the row's kv
+  //     head is inf or NaN (0 * the average of the values); row_max, row_sum those of a
+  //     fully masked row (mask_value(), Lk). The tiled kernel never computes them; the
+  //     row kernel (one or two rows) computes and then overwrites them.
   // Lengths are within [0, Lq] and [0, Lk] (the caller validates them).
   Index kv_group = 1;
   bool windowed = false;

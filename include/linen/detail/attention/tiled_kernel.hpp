@@ -102,7 +102,8 @@ class Kernel {
       const Index per_block = (a.D + a.Dv + 2) * QB * Index(sizeof(C));
       nb = std::max<Index>(1, std::min<Index>((1024 + QB - 1) / QB, (Index{1} << 20) / std::max<Index>(per_block, 1)));
       const Index threads = a.pool ? std::max(1, a.pool->NumThreads()) : 1;
-      const Index want = (a.causal ? 4 : 2) * threads;
+      // (items differ in cost under a band or lengths, as under a causal mask)
+      const Index want = (a.causal || a.windowed || a.q_len || a.kv_len ? 4 : 2) * threads;
       while (nb > 1 && a.B * a.H * ((blocks + nb - 1) / nb) < want) nb = (nb + 1) / 2;
     }
     nb_ = std::max<Index>(1, std::min(nb, std::max<Index>(blocks, 1)));
