@@ -41,7 +41,8 @@ template <class... E>
 struct List {};
 
 // The logit policies the tables serve.
-using Policies = List<FlaxLogits<float>, FlaxLogits<double>, FlaxLogits<Eigen::half>, FlaxLogits<Eigen::bfloat16>>;
+using Policies = List<FlaxLogits<float>, FlaxLogits<double>, FlaxLogits<Eigen::half>, FlaxLogits<Eigen::bfloat16>,
+                      JaxNnLogits<float>, JaxNnLogits<double>, JaxNnLogits<Eigen::half>, JaxNnLogits<Eigen::bfloat16>>;
 
 // detail::attend<Policy> (fused_attention.hpp): the forward.
 template <class Policy>
@@ -64,9 +65,18 @@ struct Gemm {
                       Eigen::ThreadPoolInterface* pool);
 };
 
-// The entries of each policy, and those tied to no policy.
+// The entries of each policy, and those tied to no policy. (jax.nn's numerics have no
+// backward yet: its entry is left out, so that no call can reach one.)
 template <class Policy>
-using PolicyEntries = List<Forward<Policy>, Backward<Policy>>;
+struct EntriesOf {
+  using type = List<Forward<Policy>, Backward<Policy>>;
+};
+template <class T>
+struct EntriesOf<JaxNnLogits<T>> {
+  using type = List<Forward<JaxNnLogits<T>>>;
+};
+template <class Policy>
+using PolicyEntries = typename EntriesOf<Policy>::type;
 using OtherEntries = List<Gemm<float>, Gemm<double>>;
 
 template <class... L>

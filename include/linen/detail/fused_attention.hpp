@@ -3,8 +3,9 @@
 // Internal: the fused attention forward behind dot_product_attention's fast path, the
 // modules' decode steps and the vjp's forward: fused_attention(problem) picks the kernel
 // for the problem's shape. The parts, one concept a file (detail/attention/):
-//   problem.hpp       AttentionProblem, the one descriptor (and Flax's layout)
-//   policy.hpp        FlaxLogits, the logit arithmetic every kernel applies
+//   problem.hpp       AttentionProblem, the one descriptor (and Flax's layout), with its
+//                     index rules (grouped-query heads, a key band, per-batch lengths)
+//   policy.hpp        FlaxLogits and JaxNnLogits, the logit arithmetic every kernel applies
 //   micro_gemm.hpp    the register-blocked micro-GEMM family (forward and backward)
 //   tiles.hpp         how a key tile meets a query block (skipping, mask tables)
 //   tiled_kernel.hpp  the tiled online-softmax kernel (many query rows)

@@ -231,6 +231,31 @@ inline P round_to(const P& x) {
   } else if constexpr (is_float_packet_of<P, 8> && std::is_same_v<T, Eigen::bfloat16>) {
     return ei::Bf16ToF32(ei::F32ToBf16(x));
 #endif
+  } else if constexpr (std::is_same_v<C, double> && std::is_same_v<T, float>) {
+    // double lanes to float and back with the conversion instructions: GCC 12's SLP
+    // vectorizer folds the lane loop below into the identity for double -> float -> double
+    // (-O2, AVX2 and SSE2: wrong code), so the loop must not serve this case.
+#if defined(EIGEN_VECTORIZE_AVX512)
+    if constexpr (size_v<P> == 8) return _mm512_cvtps_pd(_mm512_cvtpd_ps(x));
+    else
+#endif
+#if defined(EIGEN_VECTORIZE_AVX)
+    if constexpr (size_v<P> == 4) return _mm256_cvtps_pd(_mm256_cvtpd_ps(x));
+    else
+#endif
+#if defined(EIGEN_VECTORIZE_SSE2)
+    if constexpr (size_v<P> == 2) return _mm_cvtps_pd(_mm_cvtpd_ps(x));
+    else
+#endif
+    {
+      alignas(64) C t[size_v<P>];
+      ei::pstoreu(t, x);
+      for (int i = 0; i < size_v<P>; ++i) {
+        volatile float f = static_cast<float>(t[i]);  // (see above)
+        t[i] = static_cast<C>(f);
+      }
+      return ei::ploadu<P>(t);
+    }
   } else {
     alignas(64) C t[size_v<P>];
     ei::pstoreu(t, x);

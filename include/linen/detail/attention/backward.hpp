@@ -160,6 +160,7 @@ void attention_backward_reference(const AttentionProblem<typename Policy::elemen
                                   typename Policy::accum_type* dbias) {
   using T = typename Policy::element_type;
   using C = typename Policy::accum_type;
+  LINEN_ASSERT(!a.has_index_rules());  // GQA, windows, lengths: the forward's alone (no backward yet)
   const BackwardLogits<Policy> lg(a);
   const Policy& pol = lg.pol;
   RowMat<C> qs, kc, vc, go, s, p, dp, m;
@@ -411,6 +412,7 @@ void attention_backward_fused(const AttentionProblem<typename Policy::element_ty
                               typename Policy::element_type* dq, typename Policy::element_type* dk,
                               typename Policy::element_type* dv, typename Policy::accum_type* dbias, Index block_q,
                               Index block_k) {
+  LINEN_ASSERT(!a.has_index_rules());  // GQA, windows, lengths: the forward's alone (no backward yet)
   if constexpr (std::is_same_v<P, dispatch::TargetPacket>) {
 #if defined(LINEN_DISPATCH)
     dispatch::call<dispatch::Backward<Policy>>(a, out, row_max, row_sum, dout, dq, dk, dv, dbias, block_q, block_k);

@@ -30,6 +30,7 @@
 // The softmax dtype: logit(), weight() and accum_type say where the softmax's inputs and
 // outputs are rounded (jax.nn, whose softmax is float32 even for float64 inputs, rounds
 // logits and weights to float there).
+// JaxNnLogits<T> is jax.nn.dot_product_attention's numerics (the XLA path's).
 #ifndef LINEN_DETAIL_ATTENTION_POLICY_HPP
 #define LINEN_DETAIL_ATTENTION_POLICY_HPP
 
@@ -119,6 +120,99 @@ struct FlaxLogits {
   // Dropout: a kept weight times keep / keep_prob (then stored as a weight), else 0.
   C keep_scale() const { return keep_scale_; }
   C dropout(C p, bool kept) const { return kept ? weight(p * keep_scale_) : C(0); }
+};
+
+// jax.nn.dot_product_attention's mask fill, _get_large_negative: -0.7 * min(finfo(dtype).max,
+// finfo(float32).max) in the logits dtype (computed in float64, as numpy's Python float),
+// then rounded to float32 by the softmax's astype: one finite value for every element type.
+inline float jax_nn_large_negative() { return static_cast<float>(-0.7 * static_cast<double>(std::numeric_limits<float>::max())); }
+
+// jax.nn.dot_product_attention's default scale, 1 / np.sqrt(H) (float64), as the logits
+// dtype holds it (jnp.array(scale, logits.dtype)).
+template <class T>
+accum_t<T> jax_nn_default_scale(Index depth) {
+  return static_cast<accum_t<T>>(1.0 / std::sqrt(static_cast<double>(depth)));
+}
+
+// jax.nn.dot_product_attention (jax/_src/nn/functions.py, _dot_product_attention_core) to
+// the letter where a CPU kernel can be: the logits in promote_types(T, float32) = C (float
+// for float and the half types, whose products are exact and accumulated in float:
+// DotAlgorithmPreset BF16_BF16_F32 / F16_F16_F32; double for double), the query unscaled,
+// `logits *= jnp.array(scale, C)` after the product, `(logits + bias).astype(C)`, masked
+// logits jax_nn_large_negative(), then `padded_logits.astype(float32)`: for double inputs
+// the logits (after scale, bias and mask) are rounded to float, the softmax's dtype. The
+// softmax itself then runs in C on those float values (for double: exp and sum in double,
+// closer to the exact softmax than XLA's float32 arithmetic, by less than float32's
+// rounding of the weights); the weights are cast to key.dtype (T: rounded for half types)
+// before the product with V. A fully masked row is uniform over all S keys (the fill is
+// finite). No dropout (jax.nn has none): keep_scale() is 1.
+template <class T>
+struct JaxNnLogits {
+  using element_type = T;
+  using accum_type = accum_t<T>;
+  using C = accum_type;
+  // double inputs: the softmax's float32 rounding of the logits
+  static constexpr bool kFloatSoftmax = std::is_same_v<T, double>;
+
+  C scale = C(1);         // jnp.array(scale, logits.dtype)
+  bool has_bias = false;  // double: the float rounding waits for the bias (add_bias)
+
+  JaxNnLogits() = default;
+  JaxNnLogits(C s, bool bias) : scale(s), has_bias(bias) {}
+  template <class Problem>
+  explicit JaxNnLogits(const Problem& a) : JaxNnLogits(a.logit_scale, static_cast<bool>(a.bias)) {}
+
+  // The query is not scaled: the product reads it as it is (exact in C).
+  C query(T q) const { return static_cast<C>(q); }
+  template <class P>
+  void query_row(const T* q, C* dst, Index n) const {
+    for (Index c = 0; c < n; ++c) dst[c] = static_cast<C>(q[c]);
+  }
+
+  // logits * scale in C (and for double, without a bias, the float32 rounding of the
+  // softmax's astype; with a bias, add_bias rounds).
+  static constexpr bool changes_logits() { return true; }
+  C logit(C s) const {
+    const C x = s * scale;
+    if constexpr (kFloatSoftmax) return has_bias ? x : static_cast<C>(static_cast<float>(x));
+    else return x;
+  }
+  template <class P>
+  P logit(const P& s) const {
+    const P x = simd::mul(s, simd::set1<P>(scale));
+    if constexpr (kFloatSoftmax) return has_bias ? x : simd::round_to<float>(x);
+    else return x;
+  }
+  // (logits + bias).astype(C), bias promoted to C (then double's float32 rounding).
+  C add_bias(C s, T b) const {
+    const C x = s + static_cast<C>(b);
+    if constexpr (kFloatSoftmax) return static_cast<C>(static_cast<float>(x));
+    else return x;
+  }
+
+  // The chain rule: the query is read as it is; the logits are scaled (rounding passes
+  // cotangents unchanged).
+  C query_derivative() const { return C(1); }
+  static constexpr bool kScalesLogits = true;
+  C logit_derivative() const { return scale; }
+
+  // The fill of masked logits, as the float32 softmax sees it.
+  static C mask_value() { return static_cast<C>(jax_nn_large_negative()); }
+  // The softmax's inputs are float32 values (for double too), of which none is below
+  // float's lowest but -inf: the running max starts there (a row of logits all below the
+  // mask value, as a bias can make, keeps its own max, as jax.nn.softmax's).
+  static C initial_max() { return static_cast<C>(std::numeric_limits<float>::lowest()); }
+  static bool masked_vanish(C m) { return std::exp(mask_value() - m) == C(0); }
+
+  // probs.astype(key.dtype): rounded to T for half types; for double the float32
+  // softmax's weights (the reference's rounding; the fused forward keeps them in C).
+  static constexpr bool rounds_weights() { return is_half_type_v<T>; }
+  C weight(C p) const {
+    if constexpr (kFloatSoftmax) return static_cast<C>(static_cast<float>(p));
+    else return static_cast<C>(static_cast<T>(p));
+  }
+  static constexpr C keep_scale() { return C(1); }
+  C dropout(C p, bool kept) const { return kept ? weight(p) : C(0); }
 };
 
 }  // namespace detail

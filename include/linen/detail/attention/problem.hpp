@@ -10,6 +10,7 @@
 #define LINEN_DETAIL_ATTENTION_PROBLEM_HPP
 
 #include <algorithm>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -143,6 +144,27 @@ struct AttentionProblem {
   // NaN); true: they are not part of the problem and are never read (a decode step's
   // positions past the cache index).
   bool causal_hides_values = false;
+  // The logits are multiplied by it after the product, in the accumulation type (the
+  // policy's scale: jax.nn's `logits *= jnp.array(scale, logits.dtype)`; Flax: unused).
+  accum_t<T> logit_scale = 1;
+  // Index rules beyond Flax's (jax.nn.dot_product_attention's), read by the forward kernels
+  // under any policy; every one off by default. The backward does not take them.
+  //   kv_group: grouped-query attention. K and V have H / kv_group heads (their strides
+  //     address kv heads); query head h reads kv head h / kv_group. No copy is made.
+  //   windowed: a key band, key j visible to query i only if
+  //     i - window_left <= j <= i + window_right (with `causal` too: both hold).
+  //   kv_len: [B] (null: none); keys j >= kv_len[b] are masked (as a mask makes them).
+  //   q_len: [B] (null: none); query rows i >= q_len[b] are masked everywhere and their
+  //     output is 0 times that row: 0, or NaN in a column where a value of the row's kv
+  //     head is inf or NaN (0 * the average of the values); row_max, row_sum those of a
+  //     fully masked row (mask_value(), Lk). The tiled kernel never computes them; the
+  //     row kernel (one or two rows) computes and then overwrites them.
+  // Lengths are within [0, Lq] and [0, Lk] (the caller validates them).
+  Index kv_group = 1;
+  bool windowed = false;
+  Index window_left = 0, window_right = 0;
+  const std::int32_t* q_len = nullptr;
+  const std::int32_t* kv_len = nullptr;
   // Runs the work items on pool->NumThreads() threads, the calling thread being one of
   // them; null: the calling thread only.
   Eigen::ThreadPoolInterface* pool = nullptr;
@@ -159,6 +181,28 @@ struct AttentionProblem {
   accum_t<T>* row_max = nullptr;
   accum_t<T>* row_sum = nullptr;
   accum_t<T>* out_acc = nullptr;
+
+  // --- the index rules, stated once for every kernel ---
+  bool has_index_rules() const { return kv_group != 1 || windowed || q_len || kv_len; }
+  // The causal flag, the window or the key lengths cut rows' keys (a band per row).
+  bool banded() const { return causal || windowed || kv_len; }
+  Index kv_head(Index h) const { return h / kv_group; }
+  const T* key_row(Index b, Index j, Index h) const { return key + b * k_sb + j * k_sl + kv_head(h) * k_sh; }
+  const T* value_row(Index b, Index j, Index h) const { return value + b * v_sb + j * v_sl + kv_head(h) * v_sh; }
+  // Query rows of batch b that are computed (the others: q_len).
+  Index q_rows(Index b) const { return q_len ? std::min<Index>(Lq, q_len[b]) : Lq; }
+  Index kv_keys(Index b) const { return kv_len ? std::min<Index>(Lk, kv_len[b]) : Lk; }
+  // Row i of batch b sees keys [band_begin(i), band_end(b, i)) (before the mask): both
+  // ends non-decreasing in i, so the keys a block of rows sees lie in
+  // [band_begin(first row), band_end(last row)).
+  Index band_begin(Index i) const { return windowed ? std::max<Index>(0, i - window_left) : 0; }
+  Index band_end(Index b, Index i) const {
+    Index e = kv_keys(b);
+    if (causal) e = std::min(e, std::max<Index>(0, i + causal_offset + 1));
+    if (windowed) e = std::min(e, std::max<Index>(0, i + window_right + 1));
+    return e;
+  }
+  bool in_band(Index b, Index i, Index j) const { return j >= band_begin(i) && j < band_end(b, i); }
 };
 
 // The strides of Flax's layouts for dims d: q [B, Lq, H, D], k [B, Lk, H, D],

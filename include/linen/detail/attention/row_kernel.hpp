@@ -97,8 +97,9 @@ class RowKernel {
     load_queries(b, 0, a_.H, qs);
     for (Index h = 0; h < a_.H; ++h) {
       uses[h] = classify_tile(a_, b, h, 0, a_.Lq, j0, j1);
-      // this kernel computes whole chunks: the causal mask applies over all of [j0, j1)
-      uses[h].causal_cut = a_.causal && j1 - 1 > a_.causal_offset;
+      // this kernel computes whole chunks: the band applies over all of [j0, j1) where
+      // some row's band is narrower
+      uses[h].causal_cut = a_.banded() && (a_.band_begin(a_.Lq - 1) > j0 || a_.band_end(b, 0) < j1);
       skipped[(b * n_chunks_ + c) * a_.H + h] = uses[h].skip ? 1 : 0;
     }
     chunk(b, j0, j1, 0, a_.H, uses, qs, partials + (b * n_chunks_ + c) * a_.H * a_.Lq * state_, scratch);
@@ -110,8 +111,11 @@ class RowKernel {
     C* qs = scratch + off_qs_;
     C* tmp = scratch + off_tmp_;
     for (Index b = 0; b < a_.B; ++b)
-      for (Index h = 0; h < a_.H; ++h)
-        for (Index r = 0; r < a_.Lq; ++r) {
+      for (Index h = 0; h < a_.H; ++h) {
+        // rows past q_len[b]: computed (one or two rows), but written as the rule says
+        const Index rows = a_.q_rows(b);
+        if (rows < a_.Lq) write_padded_rows<Policy>(a_, b, h, rows, a_.Lq);
+        for (Index r = 0; r < rows; ++r) {
           C mx = Policy::initial_max();
           for (Index c = 0; c < n_chunks_; ++c) mx = std::max(mx, state(partials, b, c, h, r)[a_.Dv]);
           C l = 0;
@@ -119,6 +123,14 @@ class RowKernel {
           // accumulate in place in `tmp` (Dv) in chunk order
           std::fill(tmp, tmp + a_.Dv, C(0));
           auto add = [&](const C* st) {
+            if (st[a_.Dv] > mx) {
+              // a re-run chunk (below) above the computed chunks' max (a policy whose
+              // initial max is below its mask value): rescale what is summed so far
+              const C down = std::exp(mx - st[a_.Dv]);
+              l *= down;
+              for (Index d = 0; d < a_.Dv; ++d) tmp[d] *= down;
+              mx = st[a_.Dv];
+            }
             const C w = std::exp(st[a_.Dv] - mx);
             l += st[a_.Dv + 1] * w;
             for (Index d = 0; d < a_.Dv; ++d) tmp[d] += st[d] * w;
@@ -131,7 +143,7 @@ class RowKernel {
             load_queries(b, h, h + 1, qs);
             TileUse u;
             u.mask_mixed = static_cast<bool>(a_.mask);
-            u.causal_cut = a_.causal;
+            u.causal_cut = a_.banded();
             for (Index c = 0; c < n_chunks_; ++c) {
               if (!skipped[(b * n_chunks_ + c) * a_.H + h]) continue;
               const Index j0 = c * kc_, j1 = std::min(a_.Lk, j0 + kc_);
@@ -151,6 +163,7 @@ class RowKernel {
             a_.row_sum[(b * a_.H + h) * a_.Lq + r] = l;
           }
         }
+      }
   }
 
  private:
@@ -199,8 +212,10 @@ class RowKernel {
     const bool side_by_side = a_.k_sh == a_.D && a_.v_sh == a_.Dv && h1 - h0 > 1;
     // Rows are fetched ~8 KiB ahead: the loads are interleaved with arithmetic, and the
     // hardware prefetchers alone left ~40% of the read bandwidth unused (Zen 3).
-    const Index k_span = ((h1 - h0 - 1) * a_.k_sh + a_.D) * Index(sizeof(T));
-    const Index v_span = ((h1 - h0 - 1) * a_.v_sh + a_.Dv) * Index(sizeof(T));
+    // (the kv heads of heads [h0, h1): one per group of kv_group heads)
+    const Index kv0 = a_.kv_head(h0), kv_n = a_.kv_head(h1 - 1) - kv0 + 1;
+    const Index k_span = ((kv_n - 1) * a_.k_sh + a_.D) * Index(sizeof(T));
+    const Index v_span = ((kv_n - 1) * a_.v_sh + a_.Dv) * Index(sizeof(T));
     const Index ahead = std::max<Index>(2, 8192 / std::max<Index>(k_span, 1));
     for (Index t0 = j0; t0 < j1; t0 += tk_) {
       const Index nk = std::min(tk_, j1 - t0);
@@ -208,13 +223,13 @@ class RowKernel {
         // logits of every (head, row), key by key
         for (Index j = 0; j < nk; ++j) {
           const T* krow = a_.key + b * a_.k_sb + (t0 + j) * a_.k_sl;
-          if (t0 + j + ahead < a_.Lk) simd::prefetch(krow + ahead * a_.k_sl + h0 * a_.k_sh, k_span);
+          if (t0 + j + ahead < a_.Lk) simd::prefetch(krow + ahead * a_.k_sl + kv0 * a_.k_sh, k_span);
           for (Index h = h0; h < h1; ++h) {
             if (uses[h - h0].skip) continue;
             for (Index r = 0; r < a_.Lq; ++r) {
               const Index hr = (h - h0) * a_.Lq + r;
-              if constexpr (kPairs) s[hr * tk_ + j] = dot_pairs(qs + hr * a_.D, query_pairs(qs) + hr * a_.D, krow + h * a_.k_sh);
-              else s[hr * tk_ + j] = dot(qs + hr * a_.D, krow + h * a_.k_sh);
+              if constexpr (kPairs) s[hr * tk_ + j] = dot_pairs(qs + hr * a_.D, query_pairs(qs) + hr * a_.D, krow + a_.kv_head(h) * a_.k_sh);
+              else s[hr * tk_ + j] = dot(qs + hr * a_.D, krow + a_.kv_head(h) * a_.k_sh);
             }
           }
         }
@@ -235,13 +250,13 @@ class RowKernel {
             round_weights(s, h0, h1, nk, uses);
             for (; j + 2 <= nk; j += 2) {
               const T* vrow = a_.value + b * a_.v_sb + (t0 + j) * a_.v_sl;
-              if (t0 + j + ahead < a_.Lk) simd::prefetch(vrow + ahead * a_.v_sl + h0 * a_.v_sh, v_span);
-              if (t0 + j + 1 + ahead < a_.Lk) simd::prefetch(vrow + (ahead + 1) * a_.v_sl + h0 * a_.v_sh, v_span);
+              if (t0 + j + ahead < a_.Lk) simd::prefetch(vrow + ahead * a_.v_sl + kv0 * a_.v_sh, v_span);
+              if (t0 + j + 1 + ahead < a_.Lk) simd::prefetch(vrow + (ahead + 1) * a_.v_sl + kv0 * a_.v_sh, v_span);
               for (Index h = h0; h < h1; ++h) {
                 if (uses[h - h0].skip) continue;
                 for (Index r = 0; r < a_.Lq; ++r) {
                   const Index hr = (h - h0) * a_.Lq + r;
-                  axpy_pairs(s + hr * tk_ + j, vrow + h * a_.v_sh, a_.v_sl, part + hr * state_);
+                  axpy_pairs(s + hr * tk_ + j, vrow + a_.kv_head(h) * a_.v_sh, a_.v_sl, part + hr * state_);
                 }
               }
             }
@@ -249,12 +264,12 @@ class RowKernel {
         }
         for (; j < nk; ++j) {
           const T* vrow = a_.value + b * a_.v_sb + (t0 + j) * a_.v_sl;
-          if (t0 + j + ahead < a_.Lk) simd::prefetch(vrow + ahead * a_.v_sl + h0 * a_.v_sh, v_span);
+          if (t0 + j + ahead < a_.Lk) simd::prefetch(vrow + ahead * a_.v_sl + kv0 * a_.v_sh, v_span);
           for (Index h = h0; h < h1; ++h) {
             if (uses[h - h0].skip) continue;
             for (Index r = 0; r < a_.Lq; ++r) {
               const Index hr = (h - h0) * a_.Lq + r;
-              axpy(s[hr * tk_ + j], vrow + h * a_.v_sh, part + hr * state_);
+              axpy(s[hr * tk_ + j], vrow + a_.kv_head(h) * a_.v_sh, part + hr * state_);
             }
           }
         }
@@ -264,8 +279,8 @@ class RowKernel {
           if (u.skip) continue;
           // K and V in place (half types widened as they are loaded, so that the loads
           // stay interleaved with the arithmetic, as they are for float).
-          const T* k = a_.key + b * a_.k_sb + t0 * a_.k_sl + h * a_.k_sh;
-          const T* v = a_.value + b * a_.v_sb + t0 * a_.v_sl + h * a_.v_sh;
+          const T* k = a_.key_row(b, t0, h);
+          const T* v = a_.value_row(b, t0, h);
           for (Index r = 0; r < a_.Lq; ++r) {
             const Index hr = (h - h0) * a_.Lq + r;
             C* st = part + hr * state_;
@@ -298,7 +313,7 @@ class RowKernel {
       C x = pol_.logit(s[j]);
       if (br) x = pol_.add_bias(x, br[(t0 + j) * a_.bias.sk]);
       if (mr && !mr[(t0 + j) * a_.mask.sk]) x = low;
-      if (u.causal_cut && t0 + j > r + a_.causal_offset) x = low;
+      if (u.causal_cut && !a_.in_band(b, r, t0 + j)) x = low;
       s[j] = x;
       mt = std::max(mt, x);
     }

@@ -102,7 +102,8 @@ class Kernel {
       const Index per_block = (a.D + a.Dv + 2) * QB * Index(sizeof(C));
       nb = std::max<Index>(1, std::min<Index>((1024 + QB - 1) / QB, (Index{1} << 20) / std::max<Index>(per_block, 1)));
       const Index threads = a.pool ? std::max(1, a.pool->NumThreads()) : 1;
-      const Index want = (a.causal ? 4 : 2) * threads;
+      // (items differ in cost under a band or lengths, as under a causal mask)
+      const Index want = (a.causal || a.windowed || a.q_len || a.kv_len ? 4 : 2) * threads;
       while (nb > 1 && a.B * a.H * ((blocks + nb - 1) / nb) < want) nb = (nb + 1) / 2;
     }
     nb_ = std::max<Index>(1, std::min(nb, std::max<Index>(blocks, 1)));
@@ -159,7 +160,9 @@ class Kernel {
 
   void run_tile(Index b, Index h, Index qt, C* scratch) const {
     const Index row_begin = qt * nb_ * QB;
-    const Index row_end = std::min(a_.Lq, row_begin + nb_ * QB);
+    const Index rows_end = std::min(a_.Lq, row_begin + nb_ * QB);
+    // rows past q_len[b] are not computed (written at the end)
+    const Index row_end = std::min(rows_end, std::max(row_begin, a_.q_rows(b)));
     const Index nblk = (row_end - row_begin + QB - 1) / QB;
     C* qt_all = scratch + off_qt_;
     C* ot_all = scratch + off_ot_;
@@ -223,7 +226,7 @@ class Kernel {
           if (parts[0][0] >= parts[0][1] && parts[1][0] >= parts[1][1]) continue;
           TileUse all;
           all.mask_mixed = static_cast<bool>(a_.mask);
-          all.causal_cut = a_.causal;
+          all.causal_cut = a_.banded();
           if (kWiden) prepare_tile(b, h, j0, j1, scratch);
           for (const auto& part : parts)
             if (part[0] < part[1]) block_tile(b, h, blk, r0, r1, part[0], part[1], j0, all, scratch);
@@ -280,6 +283,7 @@ class Kernel {
       for (; r < nr; ++r)
         for (Index c = 0; c < a_.Dv; ++c) o0[r * a_.o_sl + c] = static_cast<T>(otb[c * QB + r]);
     }
+    if (row_end < rows_end) write_padded_rows<Policy>(a_, b, h, row_end, rows_end);
   }
 
   // Half types: what block_tile reads of keys [j0, j1): K and V widened (widen), or with
@@ -295,7 +299,7 @@ class Kernel {
   void widen_values(Index b, Index h, Index j0, Index j1, C* scratch) const {
     C* vc = scratch + off_vc_;
     for (Index j = j0; j < j1; ++j)
-      simd::convert(a_.value + b * a_.v_sb + j * a_.v_sl + h * a_.v_sh, vc + (j - j0) * a_.Dv, a_.Dv);
+      simd::convert(a_.value_row(b, j, h), vc + (j - j0) * a_.Dv, a_.Dv);
   }
 #if LINEN_SIMD_HAS_BF16_DOT
   using Bf = Eigen::bfloat16;
@@ -317,7 +321,7 @@ class Kernel {
     Bf* vp = as_bf16(scratch + off_vp_);
     const Index Dv = a_.Dv, dw = Dv / 16 * 16;
     for (Index j = j0; j < j1; j += 2) {
-      const Bf* v0 = a_.value + b * a_.v_sb + j * a_.v_sl + h * a_.v_sh;
+      const Bf* v0 = a_.value_row(b, j, h);
       const bool two = j + 1 < j1;
       const Bf* v1 = two ? v0 + a_.v_sl : nullptr;
       Bf* dst = vp + (j - j0) * Dv;  // pair row (j - j0) / 2, 2 * Dv elements
@@ -344,7 +348,7 @@ class Kernel {
   template <class Init>
   void single_key(Index b, Index h, Index j, C* prow, C* ot, C* scratch, const Init& init) const {
     C* v1 = scratch + off_v1_;
-    simd::convert(a_.value + b * a_.v_sb + j * a_.v_sl + h * a_.v_sh, v1, a_.Dv);
+    simd::convert(a_.value_row(b, j, h), v1, a_.Dv);
     for (Index v = 0; v < QB; v += W) simd::store(prow + v, simd::round_to<T>(simd::load<P>(prow + v)));
     gemm::strip<P, MR, NR>(a_.Dv, 1, v1, 1, 1, prow, QB, ot, QB, 0, init, gemm::Store{});
   }
@@ -388,8 +392,8 @@ class Kernel {
     C* kc = scratch + off_kc_;
     C* vc = scratch + off_vc_;
     for (Index j = j0; j < j1; ++j) {
-      simd::convert(a_.key + b * a_.k_sb + j * a_.k_sl + h * a_.k_sh, kc + (j - j0) * a_.D, a_.D);
-      simd::convert(a_.value + b * a_.v_sb + j * a_.v_sl + h * a_.v_sh, vc + (j - j0) * a_.Dv, a_.Dv);
+      simd::convert(a_.key_row(b, j, h), kc + (j - j0) * a_.D, a_.D);
+      simd::convert(a_.value_row(b, j, h), vc + (j - j0) * a_.Dv, a_.Dv);
     }
   }
 
@@ -410,7 +414,7 @@ class Kernel {
       k = scratch + off_kc_ + (j0 - kv0) * a_.D;
       ks = a_.D;
     } else {
-      k = a_.key + b * a_.k_sb + j0 * a_.k_sl + h * a_.k_sh;
+      k = a_.key_row(b, j0, h);
       ks = a_.k_sl;
     }
     P mx[NR];
@@ -422,7 +426,7 @@ class Kernel {
     auto product = [&](const auto& epi) {
 #if LINEN_SIMD_HAS_BF16_DOT
       if constexpr (kPairs) {
-        gemm::pair_strip<MR, NR, true>(nk, a_.D, a_.key + b * a_.k_sb + j0 * a_.k_sl + h * a_.k_sh, a_.k_sl, 0,
+        gemm::pair_strip<MR, NR, true>(nk, a_.D, a_.key_row(b, j0, h), a_.k_sl, 0,
                                        reinterpret_cast<const Eigen::bfloat16*>(scratch + off_qp_ + blk * ((a_.D + 1) / 2) * QB),
                                        2 * QB, st, QB, 0, gemm::Zero{}, epi);
         return;
@@ -445,6 +449,14 @@ class Kernel {
         }
       }
     }
+    // The policy's logit before a mixed mask's fill where it scales (jax.nn's: the fill must
+    // not be scaled); Flax's rounding leaves the fill as it is and stays in pass 1.
+    const bool logit_first = Policy::kScalesLogits && to_logits && !folded && u.mask_mixed;
+    if (logit_first) {
+      for (Index j = 0; j < nk; ++j)
+        for (int v = 0; v < NR; ++v)
+          simd::store(st + j * QB + v * W, pol_.template logit<P>(simd::load<P>(st + j * QB + v * W)));
+    }
     if (u.mask_mixed) {
       for (Index r = 0; r < nr; ++r) {
         const bool* mr = a_.mask.row(b, h, r0 + r);
@@ -463,11 +475,22 @@ class Kernel {
       for (Index j = 0; j < nk; ++j) {
         for (int v = 0; v < NR; ++v) {
           P s = simd::load<P>(st + j * QB + v * W);
-          if (to_logits) s = pol_.template logit<P>(s);
+          if (to_logits && !logit_first) s = pol_.template logit<P>(s);
           if (u.causal_cut) {
-            // visible iff j0 + j <= row + offset, row = r0 + v*W + lane
-            const Index first = std::clamp<Index>(j0 + j - a_.causal_offset - (r0 + v * W), 0, W);
+            // row = r0 + v*W + lane sees key jj = j0 + j iff it is in the row's band:
+            // lanes [first, last]
+            const Index jj = j0 + j, rb = r0 + v * W;
+            Index first = 0, last = W - 1;
+            if (jj >= a_.kv_keys(b)) first = W;
+            if (a_.causal) first = std::max(first, jj - a_.causal_offset - rb);
+            if (a_.windowed) {
+              first = std::max(first, jj - a_.window_right - rb);
+              last = std::min(last, jj + a_.window_left - rb);
+            }
+            first = std::clamp<Index>(first, 0, W);
+            last = std::clamp<Index>(last, -1, W - 1);
             s = simd::select(simd::less_equal(simd::set1<P>(C(first)), lanes), s, lowv);
+            if (last < W - 1) s = simd::select(simd::less_equal(lanes, simd::set1<P>(C(last))), s, lowv);
           }
           simd::store(st + j * QB + v * W, s);
           mx[v] = simd::max(mx[v], s);
@@ -514,7 +537,7 @@ class Kernel {
       v = scratch + off_vc_ + (j0 - kv0) * a_.Dv;
       vs = a_.Dv;
     } else {
-      v = a_.value + b * a_.v_sb + j0 * a_.v_sl + h * a_.v_sh;
+      v = a_.value_row(b, j0, h);
       vs = a_.v_sl;
     }
     gemm::strip<P, MR, NR>(a_.Dv, nk, v, 1, vs, st, QB, scratch + off_ot_ + blk * a_.Dv * QB, QB, 0,
@@ -538,7 +561,7 @@ void run_kernel(const AttentionProblem<typename Policy::element_type>& a) {
   const MaskTable table(a, Kernel<Policy, P, MR, NR>::QB, kernel.tile_keys(), a.pool ? std::max(1, a.pool->NumThreads()) : 1,
                         kept ? &kept->mask_entries : nullptr, kept ? &kept->mask_acc : nullptr);
   // Counted only when the kernel may leave masked keys out.
-  const NonFiniteValues nf = a.mask || (a.causal && !a.causal_hides_values)
+  const NonFiniteValues nf = a.mask || a.windowed || a.kv_len || (a.causal && !a.causal_hides_values)
                                  ? NonFiniteValues(a, kept ? &kept->nonfinite : nullptr)
                                  : NonFiniteValues();
   kernel.set_tables(&table, &nf);

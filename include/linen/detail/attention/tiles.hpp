@@ -12,8 +12,10 @@
 #define LINEN_DETAIL_ATTENTION_TILES_HPP
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "../../config.hpp"
@@ -90,59 +92,60 @@ std::uint32_t scan_mask(const AttentionProblem<T>& a, Index b, Index h, Index r0
          (static_cast<std::uint32_t>(last) << 20);
 }
 
-// True when the values of keys [j0, j1) of (b, h) are all finite (x * 0 is 0 for finite
+// True when the values of keys [j0, j1) of (b, h) (its kv head's) are all finite (x * 0 is 0 for finite
 // x and NaN for inf and NaN, so one sum tells).
 template <class T>
 bool values_finite(const AttentionProblem<T>& a, Index b, Index h, Index j0, Index j1) {
   using C = accum_t<T>;
   C s = 0;
   for (Index j = j0; j < j1; ++j) {
-    const T* v = a.value + b * a.v_sb + j * a.v_sl + h * a.v_sh;
+    const T* v = a.value_row(b, j, h);
     for (Index c = 0; c < a.Dv; ++c) s += static_cast<C>(v[c]) * C(0);
   }
   return s == C(0);
 }
 
-// Per (batch, head), how many of the keys [0, j) have a non-finite value, for every j:
+// Per (batch, kv head), how many of the keys [0, j) have a non-finite value, for every j:
 // "are the values of keys [j0, j1) finite" in O(1). One pass over V, made before the tiled
-// kernel runs when it may leave masked keys out (B * H * (Lk + 1) counts).
+// kernel runs when it may leave masked keys out (B * kv heads * (Lk + 1) counts).
 class NonFiniteValues {
  public:
   NonFiniteValues() = default;
   // `store`: the counts' storage, kept by the caller (null: the object's own).
   template <class T>
   explicit NonFiniteValues(const AttentionProblem<T>& a, std::vector<std::int32_t>* store = nullptr)
-      : H_(a.H), Lk_(a.Lk) {
+      : H_(a.H / a.kv_group), group_(a.kv_group), Lk_(a.Lk) {
     std::vector<std::int32_t>& counts = store ? *store : own_;
-    counts.resize(static_cast<std::size_t>(a.B * a.H * (a.Lk + 1)));
+    counts.resize(static_cast<std::size_t>(a.B * H_ * (a.Lk + 1)));
     counts_ = counts.data();
     enabled_ = !counts.empty();
     for (Index b = 0; b < a.B; ++b)
-      for (Index h = 0; h < a.H; ++h) {
-        std::int32_t* c = counts.data() + (b * a.H + h) * (a.Lk + 1);
+      for (Index h = 0; h < H_; ++h) {
+        std::int32_t* c = counts.data() + (b * H_ + h) * (a.Lk + 1);
         std::int32_t run = 0;
         for (Index j = 0; j < a.Lk; ++j) {
           c[j] = run;
-          if (!values_finite(a, b, h, j, j + 1)) ++run;
+          if (!values_finite(a, b, h * group_, j, j + 1)) ++run;
         }
         c[a.Lk] = run;
       }
   }
   bool enabled() const { return enabled_; }
   bool finite(Index b, Index h, Index j0, Index j1) const {
-    const std::int32_t* c = counts_ + (b * H_ + h) * (Lk_ + 1);
+    const std::int32_t* c = counts_ + (b * H_ + h / group_) * (Lk_ + 1);
     return c[j1] == c[j0];
   }
 
  private:
-  Index H_ = 0, Lk_ = 0;
+  Index H_ = 0, group_ = 1, Lk_ = 0;
   std::vector<std::int32_t> own_;  // a moved vector keeps its buffer, so counts_ stays valid
   const std::int32_t* counts_ = nullptr;
   bool enabled_ = false;
 };
 
 // How keys [j0, j1) meet query rows [r0, r1) of (b, h): skipped when every logit is
-// masked (by the causal flag or by a mask that is false over the whole block), and the
+// masked (by the band of the causal flag, the window and the key lengths, or by a mask
+// that is false over the whole block), and the
 // keys [begin, end) that some row sees. `mask_bits`: scan_mask's answer when already known
 // (0: scan now). `nf`: the values' finiteness when already counted (null: scan now).
 // Keys left out are masked for every row, so their weights are exactly 0 and they change
@@ -157,20 +160,22 @@ TileUse classify_tile(const AttentionProblem<T>& a, Index b, Index h, Index r0, 
   u.begin = j0;
   u.end = j1;
   Index visible_end = j1;  // the block's rows see no key past it (the causal flag)
-  if (a.causal) {
-    visible_end = std::max(j0, std::min(j1, r1 + a.causal_offset));  // past the last row's diagonal
-    u.end = visible_end;
-    u.skip = visible_end == j0;
-    u.causal_cut = !u.skip && visible_end - 1 > r0 + a.causal_offset;
+  if (a.causal) visible_end = std::max(j0, std::min(j1, r1 + a.causal_offset));  // past the last row's diagonal
+  if (a.banded()) {
+    // the rows' bands: row r sees [band_begin(r), band_end(b, r)), both non-decreasing
+    u.begin = std::min(j1, std::max(j0, a.band_begin(r0)));
+    u.end = std::max(u.begin, std::min(j1, a.band_end(b, r1 - 1)));
+    u.skip = u.begin == u.end;
+    u.causal_cut = !u.skip && (a.band_begin(r1 - 1) > u.begin || a.band_end(b, r0) < u.end);
   }
   if (a.mask && !u.skip) {
     const std::uint32_t m = mask_bits ? mask_bits : scan_mask(a, b, h, r0, r1, j0, j1);
     u.skip = (m & 2u) != 0;
     u.mask_mixed = (m & 4u) != 0;
     if (u.mask_mixed) {
-      u.begin = j0 + static_cast<Index>((m >> 8) & 0xFFFu);
+      u.begin = std::max(u.begin, j0 + static_cast<Index>((m >> 8) & 0xFFFu));
       u.end = std::min(u.end, j0 + static_cast<Index>(m >> 20) + 1);
-      if (u.begin >= u.end) u.skip = true;  // the mask's keys lie past the causal cut
+      if (u.begin >= u.end) u.skip = true;  // the mask's keys lie outside the band
     }
   }
   const Index limit = a.causal && a.causal_hides_values ? visible_end : j1;
@@ -180,11 +185,42 @@ TileUse classify_tile(const AttentionProblem<T>& a, Index b, Index h, Index r0, 
   if (!(u.skip ? finite(j0, limit) : finite(j0, u.begin) && finite(u.end, limit))) {
     u.skip = false;
     u.mask_mixed = static_cast<bool>(a.mask);
-    u.causal_cut = a.causal;
+    u.causal_cut = a.banded();
     u.begin = j0;
     u.end = limit;
   }
   return u;
+}
+
+// Query rows [i0, i1) of (b, h), past q_len[b] (AttentionProblem::q_len): 0 times the fully
+// masked rows they are (the average of the values), written without computing them: in
+// column c, 0, or NaN when a value of column c of the row's kv head is inf or NaN (0 times
+// the values, summed); the statistics a fully masked row has (max mask_value(), sum Lk).
+template <class Policy>
+void write_padded_rows(const AttentionProblem<typename Policy::element_type>& a, Index b, Index h, Index i0,
+                       Index i1) {
+  using T = typename Policy::element_type;
+  using C = typename Policy::accum_type;
+  if (i0 >= i1) return;
+  T* first = a.out + b * a.o_sb + i0 * a.o_sl + h * a.o_sh;
+  std::fill_n(first, a.Dv, T(0));
+  if (!values_finite(a, b, h, 0, a.Lk)) {
+    for (Index j = 0; j < a.Lk; ++j) {
+      const T* v = a.value_row(b, j, h);
+      for (Index c = 0; c < a.Dv; ++c)
+        if (!std::isfinite(static_cast<C>(v[c]))) first[c] = std::numeric_limits<T>::quiet_NaN();
+    }
+  }
+  for (Index i = i0; i < i1; ++i) {
+    T* o = a.out + b * a.o_sb + i * a.o_sl + h * a.o_sh;
+    if (i > i0) std::copy(first, first + a.Dv, o);
+    if (a.out_acc)
+      for (Index c = 0; c < a.Dv; ++c) a.out_acc[b * a.o_sb + i * a.o_sl + h * a.o_sh + c] = static_cast<C>(first[c]);
+    if (a.row_max) {
+      a.row_max[(b * a.H + h) * a.Lq + i] = Policy::mask_value();
+      a.row_sum[(b * a.H + h) * a.Lq + i] = static_cast<C>(a.Lk);
+    }
+  }
 }
 
 // scan_mask's answers for every (mask batch, mask head, query block, key tile), made in
