@@ -8,7 +8,8 @@
 //   attention with two and three inputs, SelfAttention, every element type;
 //   a thread pool gives vjp's bits (per-worker scratch); one workspace serves several
 //   shapes and modules; a stale pullback, a wrong cotangent or out throw and change nothing;
-//   sowing (Implementation::Reference) falls back to vjp's forward.
+//   sowing (Implementation::Reference) falls back to vjp's forward; at a layer's size Eigen's
+//   GEMM packing buffers are kept too.
 #define EIGEN_RUNTIME_NO_MALLOC
 #include <cstring>
 #include <random>
@@ -219,6 +220,33 @@ TEST(VjpWorkspace, SelfAttentionSharedWorkspace) {
   ws.release();
   EXPECT_EQ(ws.bytes(), 0u);
   EXPECT_THROW(second(c2, g2), linen::invalid_argument);
+}
+
+// At a layer's size the dense backward's products are Eigen GEMMs whose packing buffers
+// exceed EIGEN_STACK_ALLOCATION_LIMIT (Eigen would take them from the heap): the
+// workspace keeps them too, and the results are vjp's.
+TEST(VjpWorkspace, LayerSizeProductsKeepTheirPackingBuffers) {
+  linen::AttentionConfig<float> cfg;
+  cfg.num_heads = 4;
+  const linen::SelfAttention<float> attn(cfg);
+  Tensor<float, 3> x(1, 512, 256), ct(1, 512, 256);
+  fill(x, 13);
+  fill(ct, 14);
+  const auto vars = attn.init(linen::random::key(0), x);
+  linen::GradWorkspace<float> ws;
+  Tensor<float, 3> out(1, 512, 256);
+  linen::AttentionGrads<float, float, 3> grads;
+  linen::vjp_into(attn, vars, x, out, ws)(ct, grads);
+  long news = 0;
+  {
+    NoAllocation guard;
+    linen::vjp_into(attn, vars, x, out, ws)(ct, grads);
+    news = guard.count();
+  }
+  EXPECT_EQ(news, 0);
+  const auto r = linen::vjp(attn, vars, x);
+  EXPECT_TRUE(same_bits(out, r.output));
+  EXPECT_TRUE(same_grads(grads, r.pullback(ct)));
 }
 
 // With thread pools (the forward's and the backward's): vjp's bits, the fused backward's

@@ -874,10 +874,9 @@ auto vjp(const SelfAttention<T, ParamT>& module, const AttentionVariables<T, Par
 // served a call of these shapes, a forward and its backward allocate no heap memory,
 // provided that config.thread_pool and options.thread_pool are null (Eigen's pool
 // allocates its tasks), the call does not sow weights and the backward is the fused one
-// (Implementation::Auto or Fused; Reference allocates its per-head weights). The dense
-// backward's products are Eigen's, which allocate their packing buffers on the heap when
-// they exceed EIGEN_STACK_ALLOCATION_LIMIT (128 KiB): at layer sizes such as E=512 those
-// allocations remain (a few per call, none of them operator new).
+// (Implementation::Auto or Fused; Reference allocates its per-head weights). Nothing
+// means nothing: no operator new and no Eigen allocation (the dense backward's GEMM
+// packing buffers are kept in the workspace too).
 // The pullback is valid until the next vjp_into on `workspace`. Throws as vjp does, and
 // when out's shape is not the output's; a call that throws in its checks changes
 // nothing (neither `out` nor the workspace's last tape).
