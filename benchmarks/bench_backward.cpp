@@ -12,13 +12,32 @@
 // time of a SelfAttention::apply (one thread) run after each backward iteration inside
 // the same benchmark (the rows' own times count the backward only), so the ratio holds
 // on a shared or throttled machine (best-of, because load from other processes only ever
-// adds time). The target is x_forward <= 2.5 for the one-thread fused row. GFLOP/s counts the matrix products only: forward 4 projections
+// adds time). The target is x_forward <= 2.5 for the one-thread fused row.
+//   BM_self_attention_vjp_heap/B/L/E/H/kept:0|1/workspace:0|1   a training step's forward
+//       and backward (one thread) with glibc's default malloc ("[default malloc]", kept:0)
+//       or a heap that keeps freed memory (kept:1); workspace:0 vjp + pullback (tape,
+//       output and gradients allocated per call), workspace:1 vjp_into a caller's output
+//       and pullback into a caller's AttentionGrads with a kept GradWorkspace. Measured
+//       in a forked child as bench_attention_layer.cpp's BM_self_attention_heap; the row's
+//       time is forward + backward; x_forward: the best backward divided by the best
+//       forward of the same child (apply, resp. apply_into with an AttentionWorkspace,
+//       timed after every step). GFLOP/s counts the matrix products only: forward 4 projections
 // (2*L*E*E each) + attention (4*L^2*E); backward 8 projection products + 5 attention
 // products (Q.K^T is recomputed): 4*4*L*E*E + 10*L^2*E.
 #include <algorithm>
+#include <array>
 #include <chrono>
+#include <climits>
+#include <ctime>
 #include <memory>
 #include <random>
+#include <vector>
+
+#if defined(__GLIBC__) && defined(__linux__)
+#include <malloc.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#endif
 
 #include <benchmark/benchmark.h>
 #include <linen/grad.hpp>
@@ -137,5 +156,133 @@ LINEN_FORWARD_ROW(BM_self_attention_vjp_forward);
 LINEN_BACKWARD_ROW(BM_self_attention_backward);
 LINEN_BACKWARD_ROW(BM_self_attention_backward_reference);
 LINEN_BACKWARD_ROW(BM_self_attention_backward_threads2);
+
+// ---- A training step's forward and backward with the allocator users have -------------
+#if defined(__GLIBC__) && defined(__linux__)
+// One child process: n + 1 steps (the first a warm-up). Per step: wall seconds of the
+// forward (vjp / vjp_into) and of the backward (pullback), CPU seconds of both (user +
+// system: page faults included), and wall seconds of a plain forward (apply / apply_into).
+// Returns false when the child failed.
+struct StepTimes {
+  std::vector<double> forward, backward, cpu, apply;
+};
+bool run_vjp_heap_child(const benchmark::State& state, bool kept, bool workspace, std::size_t steps, StepTimes& out) {
+  int fd[2];
+  if (pipe(fd) != 0) return false;
+  const pid_t pid = fork();
+  if (pid < 0) return false;
+  const std::size_t fields = 4;
+  if (pid == 0) {
+    close(fd[0]);
+    if (kept) {
+      mallopt(M_MMAP_MAX, 0);
+      mallopt(M_TRIM_THRESHOLD, INT_MAX);
+    }
+    const Problem p(state);
+    linen::GradWorkspace<float> gws;
+    linen::AttentionWorkspace<float> aws;
+    linen::Tensor<float, 3> y(p.x.dimensions()), ya(p.x.dimensions());
+    linen::AttentionGrads<float, float, 3> grads;
+    std::vector<double> t(fields * steps);
+    const auto cpu_now = [] {
+      timespec ts{};
+      clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+      return double(ts.tv_sec) + double(ts.tv_nsec) * 1e-9;
+    };
+    const auto since = [](Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); };
+    for (std::size_t i = 0; i < steps; ++i) {
+      const double c0 = cpu_now();
+      auto t0 = Clock::now();
+      if (workspace) {
+        const auto pullback = linen::vjp_into(p.attn, p.vars, p.x, y, gws);
+        t[i] = since(t0);
+        t0 = Clock::now();
+        pullback(p.cotangent, grads);
+        benchmark::DoNotOptimize(grads.inputs_q.data());
+      } else {
+        auto r = linen::vjp(p.attn, p.vars, p.x);
+        benchmark::DoNotOptimize(r.output.data());
+        t[i] = since(t0);
+        t0 = Clock::now();
+        auto g = r.pullback(p.cotangent);
+        benchmark::DoNotOptimize(g.inputs_q.data());
+      }
+      benchmark::ClobberMemory();
+      t[steps + i] = since(t0);
+      t[2 * steps + i] = cpu_now() - c0;
+      t0 = Clock::now();
+      if (workspace) {
+        p.attn.apply_into(p.vars.params, p.x, ya, aws);
+        benchmark::DoNotOptimize(ya.data());
+      } else {
+        linen::Tensor<float, 3> z = p.attn.apply(p.vars, p.x);
+        benchmark::DoNotOptimize(z.data());
+      }
+      benchmark::ClobberMemory();
+      t[3 * steps + i] = since(t0);
+    }
+    const char* q = reinterpret_cast<const char*>(t.data());
+    std::size_t left = t.size() * sizeof(double);
+    while (left > 0) {
+      const ssize_t w = write(fd[1], q, left);
+      if (w <= 0) _exit(1);
+      q += w;
+      left -= static_cast<std::size_t>(w);
+    }
+    _exit(0);
+  }
+  close(fd[1]);
+  std::vector<double> t(fields * steps);
+  char* q = reinterpret_cast<char*>(t.data());
+  std::size_t left = t.size() * sizeof(double);
+  while (left > 0) {
+    const ssize_t r = read(fd[0], q, left);
+    if (r <= 0) break;
+    q += r;
+    left -= static_cast<std::size_t>(r);
+  }
+  close(fd[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  if (left != 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) return false;
+  const auto part = [&](std::size_t k) {
+    return std::vector<double>(t.begin() + static_cast<std::ptrdiff_t>(k * steps),
+                               t.begin() + static_cast<std::ptrdiff_t>((k + 1) * steps));
+  };
+  out = {part(0), part(1), part(2), part(3)};
+  return true;
+}
+
+void BM_self_attention_vjp_heap(benchmark::State& state) {
+  const std::size_t steps = static_cast<std::size_t>(state.max_iterations) + 1;
+  StepTimes t;
+  if (!run_vjp_heap_child(state, state.range(4) != 0, state.range(5) != 0, steps, t)) {
+    state.SkipWithError("the measuring child process failed");
+    return;
+  }
+  std::size_t i = 1;  // [0]: the warm-up
+  double best_backward = 1e30, best_apply = 1e30, cpu_sum = 0;
+  for (auto _ : state) {
+    state.SetIterationTime(t.forward[i] + t.backward[i]);
+    best_backward = std::min(best_backward, t.backward[i]);
+    best_apply = std::min(best_apply, t.apply[i]);
+    cpu_sum += t.cpu[i];
+    ++i;
+  }
+  state.counters["first_step_ms"] = (t.forward[0] + t.backward[0]) * 1e3;
+  state.counters["cpu_ms"] = cpu_sum / double(steps - 1) * 1e3;  // forward + backward, CPU per step
+  state.counters["x_forward"] = best_backward / best_apply;
+  state.counters["GFLOP/s"] = benchmark::Counter((forward_flops(state) + backward_flops(state)) * 1e-9,
+                                                 benchmark::Counter::kIsIterationInvariantRate);
+}
+void vjp_heap_rows(benchmark::internal::Benchmark* bm) {
+  bm->ArgNames({"B", "L", "E", "H", "kept", "workspace"});
+  for (const auto& s : {std::array<linen::Index, 4>{1, 2048, 512, 8}, std::array<linen::Index, 4>{8, 128, 512, 8}})
+    for (linen::Index kept : {0, 1})
+      for (linen::Index ws : {0, 1}) bm->Args({s[0], s[1], s[2], s[3], kept, ws});
+  bm->Unit(benchmark::kMillisecond)->UseManualTime();
+}
+BENCHMARK(BM_self_attention_vjp_heap)->Apply(vjp_heap_rows);
+#endif
 
 }  // namespace

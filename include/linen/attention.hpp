@@ -814,6 +814,7 @@ class MultiHeadDotProductAttention {
           src(p, count == num_elements(flax_shape) ? flax_shape : shape, keep);
           tape->keep.resize(count);
           std::copy(keep, keep + count, tape->keep.data());
+          tape->dropped = true;
         };
       } else {
         opt.dropout_rng = [&src, flax_shape](double p, const Shape& shape, bool* keep) {
@@ -988,6 +989,7 @@ class MultiHeadDotProductAttention {
       if constexpr (kRecord) {
         tape->keep.resize(n);
         kb = tape->keep.data();
+        tape->dropped = true;
       } else {
         s.keep.resize(static_cast<std::size_t>(n));
         kb = reinterpret_cast<bool*>(s.keep.data());
@@ -1016,7 +1018,7 @@ class MultiHeadDotProductAttention {
       tape->ys = f.ys;
       if (mask) {
         const auto& d = f.mask.dims;
-        record_mask(*tape, ArrayRef<bool>(mask, {d[0] == 1 ? 1 : B, d[1], d[2], d[3]}));
+        record_mask(*tape, mask, {d[0] == 1 ? 1 : B, d[1], d[2], d[3]});
       }
     }
   }
@@ -1081,8 +1083,12 @@ class MultiHeadDotProductAttention {
   static void record_mask(detail::AttentionTape<T>& tape, const ArrayRef<bool>& mask) {
     if (!mask) return;
     const auto& ms = mask.shape();
-    tape.mask.resize(ms[0], ms[1], ms[2], ms[3]);
-    std::copy(mask.data(), mask.data() + tape.mask.size(), tape.mask.data());
+    record_mask(tape, mask.data(), {ms[0], ms[1], ms[2], ms[3]});
+  }
+  static void record_mask(detail::AttentionTape<T>& tape, const bool* mask, const std::array<Index, 4>& dims) {
+    tape.mask.resize(dims[0], dims[1], dims[2], dims[3]);
+    std::copy(mask, mask + tape.mask.size(), tape.mask.data());
+    tape.masked = true;
   }
 
   // The tape's dimensions, flags and inputs (cast to T, as the projections read them);
@@ -1090,19 +1096,25 @@ class MultiHeadDotProductAttention {
   template <class XQ, class XK, class XV>
   void record_inputs(detail::AttentionTape<T>& t, Index heads, Index head_dim, Index out_features, const XQ& inputs_q,
                      const XK& inputs_k, const XV& inputs_v) const {
-    const Shape qs = shape_of(inputs_q), ks = shape_of(inputs_k), vs = shape_of(inputs_v);
-    t.B = num_elements(Shape(qs.begin(), qs.end() - 2));
+    // The shapes in place (no allocation once the tape's have grown: vjp_into's tape).
+    const auto put_shape = [](Shape& dst, const auto& x) {
+      dst.resize(static_cast<std::size_t>(std::decay_t<decltype(x)>::NumDimensions));
+      for (std::size_t i = 0; i < dst.size(); ++i) dst[i] = x.dimension(static_cast<int>(i));
+    };
+    put_shape(t.xs_q, inputs_q);
+    put_shape(t.xs_k, inputs_k);
+    put_shape(t.xs_v, inputs_v);
+    const Shape& qs = t.xs_q;
+    t.B = 1;
+    for (std::size_t i = 0; i + 2 < qs.size(); ++i) t.B *= qs[i];
     t.Lq = qs[qs.size() - 2];
-    t.Lk = ks[ks.size() - 2];
+    t.Lk = t.xs_k[t.xs_k.size() - 2];
     t.H = heads;
     t.head_dim = head_dim;
     t.fq = qs.back();
-    t.fk = ks.back();
-    t.fv = vs.back();
+    t.fk = t.xs_k.back();
+    t.fv = t.xs_v.back();
     t.fo = out_features;
-    t.xs_q = qs;
-    t.xs_k = ks;
-    t.xs_v = vs;
     t.use_bias = config_.use_bias;
     t.normalize_qk = config_.normalize_qk;
     t.broadcast_dropout = config_.broadcast_dropout;

@@ -6,6 +6,8 @@
 //       -> output and the cotangents of query, key, value and bias (one call).
 //   auto [y, pullback] = vjp(module, variables, inputs_q[, inputs_k[, inputs_v]], call);
 //   AttentionGrads g = pullback(cotangent);   // g.params.query.kernel, ..., g.inputs_q
+//   auto pullback = vjp_into(module, variables, inputs_q[, ...], out, grad_workspace, call);
+//   pullback(cotangent, grads);               // into the caller's tensors, reusing memory
 //       for MultiHeadDotProductAttention and SelfAttention, as Flax users write
 //       `y, vjp_fn = jax.vjp(lambda p, x: mod.apply({'params': p}, x), params, x)`;
 //       the same `vjp` for DenseGeneral and LayerNorm.
@@ -40,6 +42,9 @@
 #define LINEN_GRAD_HPP
 
 #include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -49,6 +54,7 @@
 #include <unsupported/Eigen/CXX11/ThreadPool>
 
 #include "attention.hpp"
+#include "attention_workspace.hpp"
 #include "config.hpp"
 #include "dense.hpp"
 #include "detail/attention_tape.hpp"
@@ -422,6 +428,140 @@ struct AttentionGrads {
   Tensor<I, N> inputs_v;  // [batch..., kv_length, v_features]; size 0 unless inputs_v was passed
 };
 
+namespace detail {
+
+// The attention pullback's buffers (the vjp's own per call; a GradWorkspace keeps them):
+// the cotangents on their way through the layer, the half types' C accumulators of the
+// input cotangents, and the dense, LayerNorm and fused attention kernels' scratch.
+template <class T>
+struct AttentionGradScratch {
+  using C = accum_t<T>;
+  using S = norm_stat_t<T, T>;
+  Tensor<T, 4> dx, dq, dk, dv;        // [B, L, heads, head_dim]
+  Tensor<T, 4> dpre_q, dpre_k;        // normalize_qk's input cotangents (swapped with dq, dk)
+  std::vector<S> dscale, norm_row;     // normalize_qk's scale sums and row buffer
+  std::vector<C> tmp_q, tmp_k, tmp_v;  // input cotangents in C (when the inputs are not C)
+  DenseBackwardScratch<C> dense;
+  BackwardScratch<C> attention;
+  std::size_t bytes() const {
+    const auto t = [](const Tensor<T, 4>& x) { return static_cast<std::size_t>(x.size()) * sizeof(T); };
+    return t(dx) + t(dq) + t(dk) + t(dv) + t(dpre_q) + t(dpre_k) + capacity_bytes(dscale) + capacity_bytes(norm_row) +
+           capacity_bytes(tmp_q) + capacity_bytes(tmp_k) + capacity_bytes(tmp_v) + dense.bytes() + attention.bytes();
+  }
+};
+
+// `x` resized to `dims`, or emptied (size 0: an unused entry), without allocating once it
+// has the size.
+template <class X, class Dims>
+void size_as(X& x, const Dims& dims, bool used) {
+  if (used) x.resize(dims);
+  else if (x.size() != 0) x = X();
+}
+
+// Whether cotangent has the output's shape, without allocating; else throws as
+// check_cotangent does.
+template <class T, int N, class G>
+void check_cotangent_of(const G& cotangent, const Shape& ys, const char* name) {
+  bool same = ys.size() == static_cast<std::size_t>(N);
+  for (int i = 0; same && i < N; ++i) same = cotangent.dimension(i) == ys[static_cast<std::size_t>(i)];
+  if (!same) check_cotangent<G, T, N>(cotangent, ys, std::string(name) + " vjp");  // throws
+}
+
+// The backward of one attention module call recorded on `t`: cotangent [batch...,
+// q_length, out_features] -> g (every tensor sized here; unused entries size 0), with
+// the buffers of `s`. AttentionPullback and vjp_into's pullback, one code.
+template <class T, class ParamT, class I, int N, class G>
+void attention_pullback(const AttentionTape<T>& t, const AttentionParams<ParamT>& p, const GradOptions& options,
+                        bool fused, const char* name, const G& cotangent, AttentionGrads<ParamT, I, N>& g,
+                        AttentionGradScratch<T>& s) {
+  using C = accum_t<T>;
+  check_cotangent_of<T, N>(cotangent, t.ys, name);
+  const Index H = t.H, dh = t.head_dim, Mq = t.B * t.Lq, Mk = t.B * t.Lk;
+  Eigen::ThreadPoolInterface* pool = options.thread_pool;
+
+  // out: y = x . out/kernel + out/bias
+  g.params.out.kernel.resize(p.out.kernel.dimensions());
+  size_as(g.params.out.bias, p.out.bias.dimensions(), t.use_bias);
+  s.dx.resize(t.B, t.Lq, H, dh);
+  dense_backward<T, ParamT, T>(t.x.data(), Mq, H * dh, t.fo, p.out.kernel.data(), cotangent.data(),
+                               g.params.out.kernel.data(), t.use_bias ? g.params.out.bias.data() : nullptr,
+                               s.dx.data(), pool, false, &s.dense);
+
+  // attention: the problem the tape records; the fused backward reads the row
+  // statistics (and, for half types, the unrounded output) the forward kernel wrote.
+  s.dq.resize(t.B, t.Lq, H, dh);
+  s.dk.resize(t.B, t.Lk, H, dh);
+  s.dv.resize(t.B, t.Lk, H, dh);
+  AttentionProblem<T> a = t.problem(pool);
+  a.backward_scratch = &s.attention;
+  using Policy = FlaxLogits<T>;
+  if (!fused) {
+    attention_backward_reference<Policy>(a, s.dx.data(), s.dq.data(), s.dk.data(), s.dv.data(), nullptr);
+  } else {
+    LINEN_ASSERT(t.row_max.size() == t.B * H * t.Lq);  // vjp asked the forward for them
+    const C* out_c = nullptr;
+    if constexpr (std::is_same_v<C, T>) out_c = t.x.data();
+    else out_c = t.x_acc.data();
+    attention_backward_fused<Policy>(a, out_c, t.row_max.data(), t.row_sum.data(), s.dx.data(), s.dq.data(),
+                                     s.dk.data(), s.dv.data(), nullptr, options.block_q, options.block_k);
+  }
+
+  // normalize_qk: LayerNorm(use_bias=False, epsilon=1e-6) over head_dim
+  size_as(g.params.query_ln.scale, std::array<Index, 1>{dh}, t.normalize_qk);
+  size_as(g.params.key_ln.scale, std::array<Index, 1>{dh}, t.normalize_qk);
+  if (t.normalize_qk) {
+    using S = norm_stat_t<T, T>;
+    const auto back = [&](const Tensor<T, 4>& pre, const LayerNormParams<ParamT>& lp, Tensor<T, 4>& grad,
+                          Tensor<T, 4>& dpre, Tensor<ParamT, 1>& dscale) {
+      s.dscale.assign(static_cast<std::size_t>(dh), S(0));
+      dpre.resize(pre.dimensions());
+      layer_norm_backward<T, T, ParamT>(pre.data(), pre.size() / std::max<Index>(dh, 1), dh, 1e-6, true,
+                                        lp.scale.data(), grad.data(), dpre.data(), s.dscale.data(),
+                                        static_cast<S*>(nullptr), &s.norm_row);
+      cast_into(s.dscale.data(), dh, dscale.data());
+      grad = std::move(dpre);  // a swap of two buffers of one size, both kept in `s`
+    };
+    back(t.q_pre, p.query_ln, s.dq, s.dpre_q, g.params.query_ln.scale);
+    back(t.k_pre, p.key_ln, s.dk, s.dpre_k, g.params.key_ln.scale);
+  }
+
+  // query, key, value: DenseGeneral(features=(heads, head_dim)). The input cotangents
+  // are summed in C where an input fed several projections (inputs_k = inputs_q, ...).
+  g.inputs_q.resize(to_dims<N>(t.xs_q));
+  size_as(g.inputs_k, to_dims<N>(t.xs_k), t.inputs >= 2);
+  size_as(g.inputs_v, to_dims<N>(t.xs_v), t.inputs == 3);
+  const auto buffer = [](Tensor<I, N>& dst, std::vector<C>& tmp) -> C* {
+    if constexpr (std::is_same_v<I, C>) {
+      return dst.data();
+    } else {
+      tmp.resize(static_cast<std::size_t>(dst.size()));
+      return tmp.data();
+    }
+  };
+  C* const gq = buffer(g.inputs_q, s.tmp_q);
+  C* const gk = t.inputs >= 2 ? buffer(g.inputs_k, s.tmp_k) : gq;
+  C* const gv = t.inputs == 3 ? buffer(g.inputs_v, s.tmp_v) : gk;
+  const auto proj = [&](const Tensor<T, 2>& x, Index m, Index f, const DenseParams<ParamT, 1, 2>& dp,
+                        const Tensor<T, 4>& grad, DenseParams<ParamT, 1, 2>& out, C* gx, bool add) {
+    out.kernel.resize(dp.kernel.dimensions());
+    size_as(out.bias, dp.bias.dimensions(), t.use_bias);
+    dense_backward<T, ParamT, C>(x.data(), m, f, H * dh, dp.kernel.data(), grad.data(), out.kernel.data(),
+                                 t.use_bias ? out.bias.data() : nullptr, gx, pool, add, &s.dense);
+  };
+  const Tensor<T, 2>& xk = t.inputs >= 2 ? t.xk : t.xq;
+  const Tensor<T, 2>& xv = t.inputs == 3 ? t.xv : xk;
+  proj(t.xq, Mq, t.fq, p.query, s.dq, g.params.query, gq, false);
+  proj(xk, Mk, t.fk, p.key, s.dk, g.params.key, gk, t.inputs < 2);
+  proj(xv, Mk, t.fv, p.value, s.dv, g.params.value, gv, t.inputs < 3);
+  if constexpr (!std::is_same_v<I, C>) {
+    cast_into(s.tmp_q.data(), g.inputs_q.size(), g.inputs_q.data());
+    cast_into(s.tmp_k.data(), g.inputs_k.size(), g.inputs_k.data());
+    cast_into(s.tmp_v.data(), g.inputs_v.size(), g.inputs_v.data());
+  }
+}
+
+}  // namespace detail
+
 // The backward of one attention module call: cotangent [batch..., q_length, out_features]
 // -> AttentionGrads. Made by vjp(); may be called any number of times.
 template <class T, class ParamT, class I, int N>
@@ -431,90 +571,9 @@ class AttentionPullback {
 
   template <class G>
   Grads operator()(const G& cotangent) const {
-    using C = accum_t<T>;
-    const auto& t = tape_;
-    const std::string fn = name_ + " vjp";
-    detail::check_cotangent<G, T, N>(cotangent, t.ys, fn);
-    const AttentionParams<ParamT>& p = *params_;
-    const Index H = t.H, dh = t.head_dim, Mq = t.B * t.Lq, Mk = t.B * t.Lk;
-    Eigen::ThreadPoolInterface* pool = options_.thread_pool;
     Grads g;
-
-    // out: y = x . out/kernel + out/bias
-    g.params.out.kernel.resize(p.out.kernel.dimensions());
-    if (t.use_bias) g.params.out.bias.resize(p.out.bias.dimensions());
-    Tensor<T, 4> dx(t.B, t.Lq, H, dh);
-    detail::dense_backward<T, ParamT, T>(t.x.data(), Mq, H * dh, t.fo, p.out.kernel.data(), cotangent.data(),
-                                         g.params.out.kernel.data(), t.use_bias ? g.params.out.bias.data() : nullptr,
-                                         dx.data(), pool);
-
-    // attention: the problem the tape records; the fused backward reads the row
-    // statistics (and, for half types, the unrounded output) the forward kernel wrote.
-    Tensor<T, 4> dq(t.B, t.Lq, H, dh), dk(t.B, t.Lk, H, dh), dv(t.B, t.Lk, H, dh);
-    const detail::AttentionProblem<T> a = t.problem(pool);
-    using Policy = detail::FlaxLogits<T>;
-    if (!fused_) {
-      detail::attention_backward_reference<Policy>(a, dx.data(), dq.data(), dk.data(), dv.data(), nullptr);
-    } else {
-      LINEN_ASSERT(t.row_max.size() == t.B * H * t.Lq);  // vjp asked the forward for them
-      const C* out_c = nullptr;
-      if constexpr (std::is_same_v<C, T>) out_c = t.x.data();
-      else out_c = t.x_acc.data();
-      detail::attention_backward_fused<Policy>(a, out_c, t.row_max.data(), t.row_sum.data(), dx.data(), dq.data(),
-                                               dk.data(), dv.data(), nullptr, options_.block_q, options_.block_k);
-    }
-
-    // normalize_qk: LayerNorm(use_bias=False, epsilon=1e-6) over head_dim
-    if (t.normalize_qk) {
-      using S = detail::norm_stat_t<T, T>;
-      const auto back = [&](const Tensor<T, 4>& pre, const LayerNormParams<ParamT>& lp, Tensor<T, 4>& grad,
-                            Tensor<ParamT, 1>& dscale) {
-        std::vector<S> ds(static_cast<std::size_t>(dh), S(0));
-        Tensor<T, 4> dpre(pre.dimensions());
-        detail::layer_norm_backward<T, T, ParamT>(pre.data(), pre.size() / std::max<Index>(dh, 1), dh, 1e-6, true,
-                                                  lp.scale.data(), grad.data(), dpre.data(), ds.data(), static_cast<S*>(nullptr));
-        dscale.resize(dh);
-        detail::cast_into(ds.data(), dh, dscale.data());
-        grad = std::move(dpre);
-      };
-      back(t.q_pre, p.query_ln, dq, g.params.query_ln.scale);
-      back(t.k_pre, p.key_ln, dk, g.params.key_ln.scale);
-    }
-
-    // query, key, value: DenseGeneral(features=(heads, head_dim)). The input cotangents
-    // are summed in C where an input fed several projections (inputs_k = inputs_q, ...).
-    g.inputs_q.resize(to_dims<N>(t.xs_q));
-    if (t.inputs >= 2) g.inputs_k.resize(to_dims<N>(t.xs_k));
-    if (t.inputs == 3) g.inputs_v.resize(to_dims<N>(t.xs_v));
-    std::vector<C> tmp_q, tmp_k, tmp_v;  // only when I is not C
-    const auto buffer = [](Tensor<I, N>& dst, std::vector<C>& tmp) -> C* {
-      if constexpr (std::is_same_v<I, C>) {
-        return dst.data();
-      } else {
-        tmp.resize(static_cast<std::size_t>(dst.size()));
-        return tmp.data();
-      }
-    };
-    C* const gq = buffer(g.inputs_q, tmp_q);
-    C* const gk = t.inputs >= 2 ? buffer(g.inputs_k, tmp_k) : gq;
-    C* const gv = t.inputs == 3 ? buffer(g.inputs_v, tmp_v) : gk;
-    const auto proj = [&](const Tensor<T, 2>& x, Index m, Index f, const DenseParams<ParamT, 1, 2>& dp,
-                          const Tensor<T, 4>& grad, DenseParams<ParamT, 1, 2>& out, C* gx, bool add) {
-      out.kernel.resize(dp.kernel.dimensions());
-      if (t.use_bias) out.bias.resize(dp.bias.dimensions());
-      detail::dense_backward<T, ParamT, C>(x.data(), m, f, H * dh, dp.kernel.data(), grad.data(), out.kernel.data(),
-                                           t.use_bias ? out.bias.data() : nullptr, gx, pool, add);
-    };
-    const Tensor<T, 2>& xk = t.inputs >= 2 ? t.xk : t.xq;
-    const Tensor<T, 2>& xv = t.inputs == 3 ? t.xv : xk;
-    proj(t.xq, Mq, t.fq, p.query, dq, g.params.query, gq, false);
-    proj(xk, Mk, t.fk, p.key, dk, g.params.key, gk, t.inputs < 2);
-    proj(xv, Mk, t.fv, p.value, dv, g.params.value, gv, t.inputs < 3);
-    if constexpr (!std::is_same_v<I, C>) {
-      detail::cast_into(tmp_q.data(), g.inputs_q.size(), g.inputs_q.data());
-      detail::cast_into(tmp_k.data(), g.inputs_k.size(), g.inputs_k.data());
-      detail::cast_into(tmp_v.data(), g.inputs_v.size(), g.inputs_v.data());
-    }
+    detail::AttentionGradScratch<T> scratch;
+    detail::attention_pullback(tape_, *params_, options_, fused_, name_.c_str(), cotangent, g, scratch);
     return g;
   }
 
@@ -542,15 +601,69 @@ struct AttentionAccess {
                                                     AttentionTape<T>& tape) {
     return module.apply_impl(params, nullptr, inputs_q, inputs_k, inputs_v, call, &tape);
   }
+  // vjp_into's forward: apply_into's (validated shapes and scratch kept in `st`) recording
+  // onto `tape`, writing `out`. Returns false, having done nothing, when the module does
+  // not attend in place (sowing): the caller then takes forward().
+  template <class T, class ParamT, class XQ, class XK, class XV, class Out>
+  static bool forward_into(const MultiHeadDotProductAttention<T, ParamT>& module, const AttentionParams<ParamT>& params,
+                           const XQ& inputs_q, const XK& inputs_k, const XV& inputs_v, const CallOptions<T>& call,
+                           AttentionWorkspaceState<T>& st, AttentionTape<T>& tape, Out& out,
+                           std::uint64_t& generation) {
+    if (!module.direct_attention(call)) return false;
+    const auto c = module.direct_validate(st, params, inputs_q, inputs_k, inputs_v, call);
+    check_out(module, out, c.shapes->ys);
+    ++generation;  // from here on the tape is rewritten: earlier pullbacks are stale
+    tape.clear();
+    module.direct_forward(params, inputs_q, inputs_k, inputs_v, call, c.deterministic, *c.shapes, st.scratch,
+                          out.data(), &tape);
+    return true;
+  }
+  // out has the output's shape `ys` (checked without allocating), else throws.
+  template <class T, class ParamT, class Out>
+  static void check_out(const MultiHeadDotProductAttention<T, ParamT>& module, const Out& out, const Shape& ys) {
+    constexpr int N = tensor_traits<Out>::rank;
+    bool same = ys.size() == static_cast<std::size_t>(N);
+    for (int i = 0; same && i < N; ++i) same = out.dimension(i) == ys[static_cast<std::size_t>(i)];
+    if (!same)
+      throw linen::invalid_argument(module.name() + ": vjp_into's out has shape " + to_string(shape_of(out)) +
+                                    ", expected " + to_string(ys));
+  }
   template <class T, class ParamT>
   static std::string name(const MultiHeadDotProductAttention<T, ParamT>& module) {
     return module.name();
   }
+  template <class T, class ParamT>
+  static const char* c_name(const MultiHeadDotProductAttention<T, ParamT>& module) {
+    return module.name_;
+  }
 };
 
-// vjp of MultiHeadDotProductAttention: what only a vjp checks (its options, and that the
-// module is differentiable here), then the module's own forward with a tape. `inputs`:
-// how many distinct inputs the caller passed (1, 2 or 3).
+// What only a vjp checks (its options, and that the module is differentiable here);
+// returns whether the backward is the fused one. Allocates nothing unless it throws.
+template <class T, class ParamT>
+bool check_vjp(const MultiHeadDotProductAttention<T, ParamT>& module, const CallOptions<T>& call,
+               const GradOptions& options) {
+  const auto& cfg = module.config();
+  const auto name = [&module] { return AttentionAccess::name(module); };
+  if (options.block_q <= 0 || options.block_k <= 0 ||
+      (options.implementation != Implementation::Auto && options.implementation != Implementation::Reference &&
+       options.implementation != Implementation::Fused))
+    check_grad_options(options, name());  // throws
+  if (cfg.decode)
+    throw linen::invalid_argument(name() + ": vjp does not differentiate decode=true (the cache is for inference); "
+                                  "train the module with decode=false and a causal mask");
+  if (cfg.attention_fn.template target<DotProductAttention>() == nullptr)
+    throw linen::invalid_argument(name() + ": vjp differentiates the default attention_fn (linen::dot_product_attention) "
+                                  "only; this module's attention_fn is another callable");
+  const bool fused = use_fused(options.implementation, static_cast<bool>(call.sow_weights));
+  if (fused && call.sow_weights)
+    throw linen::invalid_argument(name() + ": implementation=Fused cannot sow the attention weights; use "
+                                  "Implementation::Reference (or Auto)");
+  return fused;
+}
+
+// vjp of MultiHeadDotProductAttention: check_vjp, then the module's own forward with a
+// tape. `inputs`: how many distinct inputs the caller passed (1, 2 or 3).
 template <class T, class ParamT, class XQ, class XK, class XV>
 Vjp<Tensor<T, tensor_traits<XQ>::rank>,
     AttentionPullback<T, ParamT, typename tensor_traits<XQ>::scalar, tensor_traits<XQ>::rank>>
@@ -562,24 +675,145 @@ attention_module_vjp(const MultiHeadDotProductAttention<T, ParamT>& module, cons
                 "linen: vjp needs inputs_q, inputs_k and inputs_v of one element type");
   using I = typename tensor_traits<XQ>::scalar;
   constexpr int N = tensor_traits<XQ>::rank;
-  const auto& cfg = module.config();
-  const std::string name = AttentionAccess::name(module);
-  check_grad_options(options, name);
-  if (cfg.decode)
-    throw linen::invalid_argument(name + ": vjp does not differentiate decode=true (the cache is for inference); "
-                                  "train the module with decode=false and a causal mask");
-  if (cfg.attention_fn.template target<DotProductAttention>() == nullptr)
-    throw linen::invalid_argument(name + ": vjp differentiates the default attention_fn (linen::dot_product_attention) "
-                                  "only; this module's attention_fn is another callable");
-  const bool fused = use_fused(options.implementation, static_cast<bool>(call.sow_weights));
-  if (fused && call.sow_weights)
-    throw linen::invalid_argument(name + ": implementation=Fused cannot sow the attention weights; use "
-                                  "Implementation::Reference (or Auto)");
+  const bool fused = check_vjp(module, call, options);
   AttentionTape<T> tape;
   tape.inputs = inputs;
   tape.stats = fused;
   Tensor<T, N> y = AttentionAccess::forward(module, params, inputs_q, inputs_k, inputs_v, call, tape);
-  return {std::move(y), AttentionPullback<T, ParamT, I, N>(name, &params, options, fused, std::move(tape))};
+  return {std::move(y), AttentionPullback<T, ParamT, I, N>(AttentionAccess::name(module), &params, options, fused,
+                                                           std::move(tape))};
+}
+
+template <class T>
+struct GradWorkspaceState {
+  AttentionWorkspaceState<T> forward;  // validated shapes, the forward's scratch
+  AttentionTape<T> tape;               // the last vjp_into's
+  AttentionGradScratch<T> backward;
+  std::uint64_t generation = 0;        // vjp_into calls that rewrote the tape
+  std::size_t bytes() const {
+    const auto t = [](const auto& x) { return static_cast<std::size_t>(x.size()) * sizeof(*x.data()); };
+    const AttentionTape<T>& p = tape;
+    return forward.bytes() + backward.bytes() + t(p.xq) + t(p.xk) + t(p.xv) + t(p.q_pre) + t(p.k_pre) + t(p.q) +
+           t(p.k) + t(p.v) + t(p.x) + t(p.mask) + t(p.keep) + t(p.row_max) + t(p.row_sum) + t(p.x_acc);
+  }
+};
+
+struct GradWorkspaceAccess;
+
+}  // namespace detail
+
+// Reusable memory for vjp_into (the attention modules' forward and backward into
+// caller-owned tensors): the forward's buffers and validated shapes (as
+// AttentionWorkspace), the tape the backward reads, and the backward's buffers (the
+// cotangents between the layers, the dense, LayerNorm and fused attention kernels'
+// scratch, one share per worker of the pool). One per thread (a workspace is not
+// thread-safe); any modules and shapes may share one. Its buffers are reused while the
+// shapes stay (the tape's and the backward's tensors are Eigen tensors, reallocated when a
+// call's shape differs from the last one's; the kernels' scratch grows to the largest).
+// The pullback vjp_into returns reads the workspace's tape: it is valid until the next
+// vjp_into on the same workspace (calling it later throws).
+template <class T>
+class GradWorkspace {
+ public:
+  GradWorkspace() = default;
+  GradWorkspace(const GradWorkspace&) = delete;  // pullbacks point into it
+  GradWorkspace& operator=(const GradWorkspace&) = delete;
+  // Heap bytes the workspace holds.
+  std::size_t bytes() const { return state_.bytes(); }
+  // Frees every buffer (the next call validates and allocates again); pullbacks made
+  // before become stale.
+  void release() {
+    const std::uint64_t g = state_.generation + 1;
+    state_ = detail::GradWorkspaceState<T>();
+    state_.generation = g;
+  }
+
+ private:
+  friend struct detail::GradWorkspaceAccess;
+  detail::GradWorkspaceState<T> state_;
+};
+
+namespace detail {
+struct GradWorkspaceAccess {
+  template <class T>
+  static GradWorkspaceState<T>& state(GradWorkspace<T>& w) {
+    return w.state_;
+  }
+};
+}  // namespace detail
+
+// The backward of the last vjp_into on a GradWorkspace: pullback(cotangent, grads) writes
+// the cotangents of every parameter and input into `grads` (each tensor resized to its
+// shape, unused entries to size 0), equal bit for bit to what vjp's pullback returns.
+// Once `grads` and the workspace have served a call of these shapes, it allocates no
+// heap memory (same conditions as vjp_into). May be called any number of times until the
+// next vjp_into on the workspace; then it throws linen::invalid_argument. The cotangent's
+// shape is checked before anything is written.
+template <class T, class ParamT, class I, int N>
+class WorkspacePullback {
+ public:
+  using Grads = AttentionGrads<ParamT, I, N>;
+
+  template <class G>
+  void operator()(const G& cotangent, Grads& grads) const {
+    auto& st = detail::GradWorkspaceAccess::state(*workspace_);
+    if (st.generation != generation_)
+      throw linen::invalid_argument(std::string(name_) +
+                                    " vjp_into: this pullback's workspace has recorded another forward since (or "
+                                    "was released); keep one pullback per vjp_into and workspace");
+    detail::attention_pullback(st.tape, *params_, options_, fused_, name_, cotangent, grads, st.backward);
+  }
+
+  // Internal: made by vjp_into().
+  WorkspacePullback(GradWorkspace<T>* workspace, const AttentionParams<ParamT>* params, const char* name,
+                    const GradOptions& options, bool fused, std::uint64_t generation)
+      : workspace_(workspace), params_(params), name_(name), options_(options), fused_(fused), generation_(generation) {}
+
+ private:
+  GradWorkspace<T>* workspace_;
+  const AttentionParams<ParamT>* params_;
+  const char* name_;
+  GradOptions options_;
+  bool fused_;
+  std::uint64_t generation_;
+};
+
+namespace detail {
+
+// vjp_into of MultiHeadDotProductAttention: check_vjp, then apply_into's forward with the
+// workspace's tape (or, when sowing, apply's forward with it, allocating).
+template <class T, class ParamT, class XQ, class XK, class XV, class Out>
+WorkspacePullback<T, ParamT, typename tensor_traits<XQ>::scalar, tensor_traits<XQ>::rank> attention_module_vjp_into(
+    const MultiHeadDotProductAttention<T, ParamT>& module, const AttentionParams<ParamT>& params, const XQ& inputs_q,
+    const XK& inputs_k, const XV& inputs_v, int inputs, Out& out, GradWorkspace<T>& workspace,
+    const CallOptions<T>& call, const GradOptions& options) {
+  using O = std::remove_cv_t<Out>;
+  using I = typename tensor_traits<XQ>::scalar;
+  constexpr int N = tensor_traits<XQ>::rank;
+  static_assert(std::is_same_v<I, typename tensor_traits<XK>::scalar> &&
+                    std::is_same_v<I, typename tensor_traits<XV>::scalar>,
+                "linen: vjp_into needs inputs_q, inputs_k and inputs_v of one element type");
+  static_assert(is_tensor_v<O> && tensor_traits<O>::rank == N && std::is_same_v<typename tensor_traits<O>::scalar, T> &&
+                    !std::is_const_v<std::remove_pointer_t<decltype(out.data())>>,
+                "linen: vjp_into's out must be a writable linen::Tensor<T, N> (or TensorMap of one) of the inputs' "
+                "rank");
+  const bool fused = check_vjp(module, call, options);
+  auto& st = GradWorkspaceAccess::state(workspace);
+  st.tape.inputs = inputs;
+  st.tape.stats = fused;
+  if (!AttentionAccess::forward_into(module, params, inputs_q, inputs_k, inputs_v, call, st.forward, st.tape, out,
+                                     st.generation)) {
+    AttentionTape<T> tape;  // a fresh one: a failed forward leaves the workspace's as it was
+    tape.inputs = inputs;
+    tape.stats = fused;
+    const Tensor<T, N> y = AttentionAccess::forward(module, params, inputs_q, inputs_k, inputs_v, call, tape);
+    AttentionAccess::check_out(module, out, tape.ys);
+    ++st.generation;
+    st.tape = std::move(tape);
+    std::copy(y.data(), y.data() + y.size(), out.data());
+  }
+  return WorkspacePullback<T, ParamT, I, N>(&workspace, &params, AttentionAccess::c_name(module), options, fused,
+                                           st.generation);
 }
 
 }  // namespace detail
@@ -626,11 +860,67 @@ auto vjp(const SelfAttention<T, ParamT>& module, const AttentionVariables<T, Par
                                       options);
 }
 
+// vjp into caller-owned memory with a reusable workspace (vjp's counterpart of
+// apply_into): runs the forward vjp runs, writes its output to `out` and records the tape
+// in `workspace`; returns the pullback, which writes the cotangents into the caller's
+// AttentionGrads:
+//   linen::GradWorkspace<float> ws;                   // one per thread, kept
+//   linen::AttentionGrads<float, float, 3> grads;     // kept
+//   auto pullback = linen::vjp_into(attn, variables, x, y, ws, call);
+//   pullback(cotangent, grads);
+//   inputs_*, call, options: as for vjp; out: [batch..., q_length, out_features], a
+//   writable linen::Tensor<T, N> of that shape or a TensorMap over the caller's memory.
+// Output and cotangents equal vjp's bit for bit. Once the workspace (and `grads`) have
+// served a call of these shapes, a forward and its backward allocate no heap memory,
+// provided that config.thread_pool and options.thread_pool are null (Eigen's pool
+// allocates its tasks), the call does not sow weights and the backward is the fused one
+// (Implementation::Auto or Fused; Reference allocates its per-head weights). Nothing
+// means nothing: no operator new and no Eigen allocation (the dense backward's GEMM
+// packing buffers are kept in the workspace too).
+// The pullback is valid until the next vjp_into on `workspace`. Throws as vjp does, and
+// when out's shape is not the output's; a call that throws in its checks changes
+// nothing (neither `out` nor the workspace's last tape).
+template <class T, class ParamT, class XQ, class Out>
+auto vjp_into(const MultiHeadDotProductAttention<T, ParamT>& module, const AttentionVariables<T, ParamT>& variables,
+              const XQ& inputs_q, Out&& out, GradWorkspace<T>& workspace, const CallOptions<T>& call = {},
+              const GradOptions& options = {}) {
+  return detail::attention_module_vjp_into(module, variables.params, inputs_q, inputs_q, inputs_q, 1, out, workspace,
+                                           call, options);
+}
+template <class T, class ParamT, class XQ, class XK, class Out, std::enable_if_t<detail::is_tensor_v<XK>, int> = 0>
+auto vjp_into(const MultiHeadDotProductAttention<T, ParamT>& module, const AttentionVariables<T, ParamT>& variables,
+              const XQ& inputs_q, const XK& inputs_k, Out&& out, GradWorkspace<T>& workspace,
+              const CallOptions<T>& call = {}, const GradOptions& options = {}) {
+  return detail::attention_module_vjp_into(module, variables.params, inputs_q, inputs_k, inputs_k, 2, out, workspace,
+                                           call, options);
+}
+template <class T, class ParamT, class XQ, class XK, class XV, class Out,
+          std::enable_if_t<detail::is_tensor_v<XV>, int> = 0>
+auto vjp_into(const MultiHeadDotProductAttention<T, ParamT>& module, const AttentionVariables<T, ParamT>& variables,
+              const XQ& inputs_q, const XK& inputs_k, const XV& inputs_v, Out&& out, GradWorkspace<T>& workspace,
+              const CallOptions<T>& call = {}, const GradOptions& options = {}) {
+  return detail::attention_module_vjp_into(module, variables.params, inputs_q, inputs_k, inputs_v, 3, out, workspace,
+                                           call, options);
+}
+// SelfAttention: inputs_q [batch..., length, features] (k = v = q), out [batch..., length,
+// out_features]; the pullback's grads.inputs_q is the whole input cotangent.
+template <class T, class ParamT, class XQ, class Out>
+auto vjp_into(const SelfAttention<T, ParamT>& module, const AttentionVariables<T, ParamT>& variables,
+              const XQ& inputs_q, Out&& out, GradWorkspace<T>& workspace, const CallOptions<T>& call = {},
+              const GradOptions& options = {}) {
+  return detail::attention_module_vjp_into(module.as_multi_head(), variables.params, inputs_q, inputs_q, inputs_q, 1,
+                                           out, workspace, call, options);
+}
+
 // The pullbacks refer to variables.params: a temporary would dangle.
 template <class T, class ParamT, class... Rest>
 void vjp(const MultiHeadDotProductAttention<T, ParamT>&, AttentionVariables<T, ParamT>&&, Rest&&...) = delete;
 template <class T, class ParamT, class... Rest>
 void vjp(const SelfAttention<T, ParamT>&, AttentionVariables<T, ParamT>&&, Rest&&...) = delete;
+template <class T, class ParamT, class... Rest>
+void vjp_into(const MultiHeadDotProductAttention<T, ParamT>&, AttentionVariables<T, ParamT>&&, Rest&&...) = delete;
+template <class T, class ParamT, class... Rest>
+void vjp_into(const SelfAttention<T, ParamT>&, AttentionVariables<T, ParamT>&&, Rest&&...) = delete;
 
 }  // namespace linen
 

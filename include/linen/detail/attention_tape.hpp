@@ -8,6 +8,8 @@
 // fused backward) the softmax row statistics the forward kernel wrote while making the
 // output. Never the batch x heads x q_length x kv_length weights: the backward recomputes
 // them. problem() is the attention problem the tape describes, for the gradient kernels.
+// A tape may be recorded again (vjp_into's, in a GradWorkspace): clear() forgets what the
+// last forward recorded and keeps the memory, so a forward of the same shapes reuses it.
 #ifndef LINEN_DETAIL_ATTENTION_TAPE_HPP
 #define LINEN_DETAIL_ATTENTION_TAPE_HPP
 
@@ -40,8 +42,9 @@ struct AttentionTape {
   Tensor<T, 4> q_pre, k_pre;    // the projections before normalize_qk's LayerNorm
   Tensor<T, 4> q, k, v;         // what the attention saw, [B, L, heads, head_dim]
   Tensor<T, 4> x;               // the attention output [B, Lq, heads, head_dim]
-  Tensor<bool, 4> mask;         // [B|1, H|1, Lq|1, Lk|1] (size 0: no mask)
-  Tensor<bool, 1> keep;         // the dropout keep mask drawn (size 0: no dropout)
+  Tensor<bool, 4> mask;         // [B|1, H|1, Lq|1, Lk|1], when `masked`
+  Tensor<bool, 1> keep;         // the dropout keep mask drawn, when `dropped`
+  bool masked = false, dropped = false;  // set by the forward that records them
   // With `stats`: the softmax's row max and denominator [B, H, Lq] (AttentionProblem's
   // row_max, row_sum) and, for half types, x before its rounding to T (size 0 otherwise).
   Tensor<C, 1> row_max, row_sum;
@@ -49,11 +52,18 @@ struct AttentionTape {
   bool use_bias = true, normalize_qk = false, broadcast_dropout = true, fp32_softmax = false;
   double dropout_rate = 0.0;
 
+  // Before recording another forward: what only some forwards record is marked absent
+  // (the buffers stay, to be reused).
+  void clear() {
+    masked = false;
+    dropped = false;
+  }
+
   // The attention problem the tape records (batch flattened into B; the mask as the
   // forward attended with it, its keep mask), for the gradient kernels on `pool`.
+  // (batch left empty: the kernels read B; filling it would allocate on every pullback)
   AttentionDims dims() const {
     AttentionDims d;
-    d.batch = {B};
     d.B = B;
     d.Lq = Lq;
     d.Lk = Lk;
@@ -64,11 +74,11 @@ struct AttentionTape {
   AttentionProblem<T> problem(Eigen::ThreadPoolInterface* pool) const {
     const AttentionDims d = dims();
     AttentionProblem<T> a = flax_problem<T>(d, q.data(), k.data(), v.data(), nullptr);
-    if (mask.size() > 0) {
+    if (masked) {
       const auto& md = mask.dimensions();
       a.mask = mask_view(mask.data(), std::array<Index, 4>{md[0], md[1], md[2], md[3]});
     }
-    if (keep.size() > 0) {
+    if (dropped) {
       a.keep = keep_view(keep.data(), d, broadcast_dropout);
       a.keep_scale = flax_keep_scale<T>(dropout_rate);
     }

@@ -19,6 +19,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -37,10 +39,56 @@
 
 namespace linen {
 namespace detail {
+
+// The fused backward's buffers (AttentionProblem::backward_scratch), kept by the caller
+// between calls: once grown to a problem's size, a call without a pool allocates nothing.
+// Each worker w of a call uses workers[w] alone (run_workers gives every w to one thread),
+// grown by that worker; dq_acc and bias_private are sized by the calling thread before
+// the workers start. std::vector storage (not Eigen's allocator), so that a scratch grown
+// by one instruction-set level's kernel may be freed by code built with other flags.
+template <class C>
+struct BackwardScratch {
+  std::vector<std::vector<C>> workers;  // per worker: its head's q and dO, its tiles
+  std::vector<C> dq_acc;                // [groups][B, Lq, H, D]
+  std::vector<C> bias_private;          // [workers - 1][bias size], when workers may meet
+  std::size_t bytes() const {
+    std::size_t n = workers.capacity() * sizeof(std::vector<C>) + (dq_acc.capacity() + bias_private.capacity()) * sizeof(C);
+    for (const auto& w : workers) n += w.capacity() * sizeof(C);
+    return n;
+  }
+};
+
 inline namespace LINEN_ISA_NAMESPACE {
 
 template <class C>
 using RowMat = Eigen::Matrix<C, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// Matrices carved out of one kept buffer, each starting on a 64-byte boundary (as Eigen's
+// own allocations start on its packet boundary), so that Eigen's expressions over them
+// split into packets and scalars as over a freshly allocated RowMat: the same bits.
+// reserve(n) counts a matrix of n elements, then carve() hands them out in the same order.
+template <class C>
+class KeptMatrices {
+ public:
+  static constexpr std::size_t kAlign = 64 / sizeof(C);
+  static std::size_t rounded(Index n) { return (static_cast<std::size_t>(n) + kAlign - 1) / kAlign * kAlign; }
+  void reserve(Index n) { total_ += rounded(n); }
+  // Grows `buf` to what was reserved (no allocation once it has grown) and starts carving.
+  void start(std::vector<C>& buf) {
+    if (buf.size() < total_ + kAlign) buf.resize(total_ + kAlign);
+    const auto addr = reinterpret_cast<std::uintptr_t>(buf.data());
+    next_ = buf.data() + (kAlign - (addr / sizeof(C)) % kAlign) % kAlign;
+  }
+  C* carve(Index n) {
+    C* p = next_;
+    next_ += rounded(n);
+    return p;
+  }
+
+ private:
+  std::size_t total_ = 0;
+  C* next_ = nullptr;
+};
 
 // The policy's logits on the tiles of one problem, shared by both backward kernels so that
 // they see the forward's numbers: the query as the product reads it, the logits (policy's
@@ -54,32 +102,45 @@ struct BackwardLogits {
 
   explicit BackwardLogits(const AttentionProblem<T>& problem) : a(problem), pol(problem) {}
 
-  // The policy's query (Flax: query / sqrt(depth) rounded to T), rows [i0, i0 + n) of (b, h).
+  // The policy's query (Flax: query / sqrt(depth) rounded to T), rows [i0, i0 + n) of (b, h),
+  // into qs [n, D] (resized) or qs [n x D] row-major.
   void load_query(Index b, Index h, Index i0, Index n, RowMat<C>& qs) const {
     qs.resize(n, a.D);
+    load_query(b, h, i0, n, qs.data());
+  }
+  void load_query(Index b, Index h, Index i0, Index n, C* qs) const {
     for (Index i = 0; i < n; ++i) {
       const T* src = a.query + b * a.q_sb + (i0 + i) * a.q_sl + h * a.q_sh;
-      for (Index c = 0; c < a.D; ++c) qs(i, c) = pol.query(src[c]);
+      for (Index c = 0; c < a.D; ++c) qs[i * a.D + c] = pol.query(src[c]);
     }
   }
-  // Rows [j0, j0 + n) of head (b, h) of a strided tensor (strides sb, sl, sh), in C.
+  // Rows [j0, j0 + n) of head (b, h) of a strided tensor (strides sb, sl, sh), in C: into
+  // dst [n, width] (resized) or dst [n x width] row-major.
   template <class X>
   static void load_rows(const X* src, Index sb, Index sl, Index sh, Index b, Index h, Index j0, Index n, Index width,
                         RowMat<C>& dst) {
     dst.resize(n, width);
+    load_rows(src, sb, sl, sh, b, h, j0, n, width, dst.data());
+  }
+  template <class X>
+  static void load_rows(const X* src, Index sb, Index sl, Index sh, Index b, Index h, Index j0, Index n, Index width,
+                        C* dst) {
     for (Index j = 0; j < n; ++j) {
       const X* s = src + b * sb + (j0 + j) * sl + h * sh;
-      for (Index c = 0; c < width; ++c) dst(j, c) = static_cast<C>(s[c]);
+      for (Index c = 0; c < width; ++c) dst[j * width + c] = static_cast<C>(s[c]);
     }
   }
-  void load_keys(Index b, Index h, Index j0, Index n, RowMat<C>& dst) const {
+  template <class Dst>
+  void load_keys(Index b, Index h, Index j0, Index n, Dst&& dst) const {
     load_rows(a.key, a.k_sb, a.k_sl, a.k_sh, b, h, j0, n, a.D, dst);
   }
-  void load_values(Index b, Index h, Index j0, Index n, RowMat<C>& dst) const {
+  template <class Dst>
+  void load_values(Index b, Index h, Index j0, Index n, Dst&& dst) const {
     load_rows(a.value, a.v_sb, a.v_sl, a.v_sh, b, h, j0, n, a.Dv, dst);
   }
   // Rows of the output's cotangent (the output's strides).
-  void load_dout(const T* dout, Index b, Index h, RowMat<C>& dst) const {
+  template <class Dst>
+  void load_dout(const T* dout, Index b, Index h, Dst&& dst) const {
     load_rows(dout, a.o_sb, a.o_sl, a.o_sh, b, h, 0, a.Lq, a.Dv, dst);
   }
 
@@ -105,7 +166,8 @@ struct BackwardLogits {
   bool finishes() const { return Policy::changes_logits() || a.bias || a.mask || a.causal; }
   bool masks() const { return a.mask || a.causal; }
   // finish_row on a transposed tile t [keys j0.., rows i0..] (the fused kernels' layout).
-  void finish_transposed(Index b, Index h, Index i0, Index j0, RowMat<C>& t) const {
+  template <class M>
+  void finish_transposed(Index b, Index h, Index i0, Index j0, M& t) const {
     for (Index r = 0; r < t.cols(); ++r) {
       const Index i = i0 + r;
       const T* br = a.bias ? a.bias.row(b, h, i) : nullptr;
@@ -275,37 +337,58 @@ void attention_backward_kernel(const AttentionProblem<typename Policy::element_t
   const int workers = static_cast<int>(std::min<Index>(avail, std::max<Index>(units, 1)));
   const Index HD = a.H * a.D;
   const Index q_size = a.B * a.Lq * HD;  // dq accumulators: [groups][B, Lq, H, D]
-  std::vector<C> dq_acc(static_cast<std::size_t>(groups * q_size), C(0));
+  BackwardScratch<C> local;  // when the caller keeps none: this call's
+  BackwardScratch<C>& scratch = a.backward_scratch ? *a.backward_scratch : local;
+  scratch.dq_acc.assign(static_cast<std::size_t>(groups * q_size), C(0));
+  C* const dq_acc = scratch.dq_acc.data();
 
   // dbias: straight into the caller's accumulator when no two workers can meet there,
   // else one private accumulator per extra worker, summed in worker order at the end.
   const Index bias_size = dbias ? a.bias.size : 0;
   const bool shared_bias = dbias && workers > 1 && !view_rows_disjoint(a.bias, a.B, a.H, a.Lk, groups > 1);
-  std::vector<C> bias_private(shared_bias ? static_cast<std::size_t>((workers - 1) * bias_size) : 0, C(0));
+  scratch.bias_private.assign(shared_bias ? static_cast<std::size_t>((workers - 1) * bias_size) : 0, C(0));
+  C* const bias_private = scratch.bias_private.data();
 
   const C dq_scale = pol.query_derivative();
   const auto round_weight = [&pol](C x) { return pol.weight(x); };
   const Index ldt = a.Lq + 64 / static_cast<Index>(sizeof(C));  // row stride of the transposed q, dO
+  // Each worker's matrices, carved from its kept buffer: the head's q and dO (both ways
+  // round), delta and 1/l, and its tiles (at most bk keys by bq query rows).
+  const Index bq = std::min(block_q, a.Lq), bk = std::min(block_k, a.Lk);
+  KeptMatrices<C> layout;
+  for (const Index n : {a.Lq * a.D, a.D * ldt, a.Lq * a.Dv, a.Dv * ldt, a.Lq, a.Lq, bk * a.D, bk * a.Dv, bk * a.D,
+                        bk * a.Dv, bk * bq, bk * bq, bk * bq, bk * bq})
+    layout.reserve(n);
+  if (scratch.workers.size() < static_cast<std::size_t>(workers)) scratch.workers.resize(static_cast<std::size_t>(workers));
+  using Mat = Eigen::Map<RowMat<C>, Eigen::AlignedMax>;  // aligned as a RowMat of its own
+  using VecMap = Eigen::Map<Vec, Eigen::AlignedMax>;
 
   run_workers(pool, workers, [&](int w) {
-    C* my_bias = !dbias ? nullptr : (shared_bias && w > 0 ? bias_private.data() + (w - 1) * bias_size : dbias);
-    RowMat<C> qs, qt, go, gt, kc, vc, st, pt, dst, keep;
-    Vec delta, inv_l;
+    C* my_bias = !dbias ? nullptr : (shared_bias && w > 0 ? bias_private + (w - 1) * bias_size : dbias);
+    KeptMatrices<C> mats = layout;
+    mats.start(scratch.workers[static_cast<std::size_t>(w)]);
+    Mat qs(mats.carve(a.Lq * a.D), a.Lq, a.D), qt(mats.carve(a.D * ldt), a.D, ldt);
+    Mat go(mats.carve(a.Lq * a.Dv), a.Lq, a.Dv), gt(mats.carve(a.Dv * ldt), a.Dv, ldt);
+    VecMap delta(mats.carve(a.Lq), a.Lq), inv_l(mats.carve(a.Lq), a.Lq);
+    C* const kc_p = mats.carve(bk * a.D);
+    C* const vc_p = mats.carve(bk * a.Dv);
+    C* const dkj_p = mats.carve(bk * a.D);
+    C* const dvj_p = mats.carve(bk * a.Dv);
+    C* const st_p = mats.carve(bk * bq);
+    C* const pt_p = mats.carve(bk * bq);
+    C* const dst_p = mats.carve(bk * bq);
+    C* const keep_p = mats.carve(bk * bq);
     const auto [u0, u1] = share(units, workers, w);
     Index loaded_bh = -1;
     for (Index u = u0; u < u1; ++u) {
       const Index bh = u / groups, g = u % groups, b = bh / a.H, h = bh % a.H;
       if (bh != loaded_bh) {  // the head's queries and output cotangent (both ways round), delta
-        lg.load_query(b, h, 0, a.Lq, qs);
-        lg.load_dout(dout, b, h, go);
+        lg.load_query(b, h, 0, a.Lq, qs.data());
+        lg.load_dout(dout, b, h, go.data());
         // Transposed with a padded row stride: at a power-of-two Lq the rows of a plain
         // transpose would all fall into the same cache sets.
-        qt.resize(a.D, ldt);
-        gt.resize(a.Dv, ldt);
         qt.leftCols(a.Lq) = qs.transpose();
         gt.leftCols(a.Lq) = go.transpose();
-        delta.resize(a.Lq);
-        inv_l.resize(a.Lq);
         for (Index i = 0; i < a.Lq; ++i) {
           const C* o = out + b * a.o_sb + i * a.o_sl + h * a.o_sh;
           C sum = 0;
@@ -319,9 +402,12 @@ void attention_backward_kernel(const AttentionProblem<typename Policy::element_t
       const Index kt0 = nkt * g / groups, kt1 = nkt * (g + 1) / groups;
       for (Index tile = kt0; tile < kt1; ++tile) {
         const Index j0 = tile * block_k, nj = std::min(block_k, a.Lk - j0);
-        lg.load_keys(b, h, j0, nj, kc);
-        lg.load_values(b, h, j0, nj, vc);
-        RowMat<C> dkj = RowMat<C>::Zero(nj, a.D), dvj = RowMat<C>::Zero(nj, a.Dv);
+        Mat kc(kc_p, nj, a.D), vc(vc_p, nj, a.Dv);
+        lg.load_keys(b, h, j0, nj, kc.data());
+        lg.load_values(b, h, j0, nj, vc.data());
+        Mat dkj(dkj_p, nj, a.D), dvj(dvj_p, nj, a.Dv);
+        dkj.setZero();
+        dvj.setZero();
         for (Index i0 = 0; i0 < a.Lq; i0 += block_q) {
           const Index ni = std::min(block_q, a.Lq - i0);
           if (lg.tile_masked(b, h, i0, ni, j0, nj) &&
@@ -331,14 +417,13 @@ void attention_backward_kernel(const AttentionProblem<typename Policy::element_t
           const auto l_i = inv_l.segment(i0, ni);
           const auto delta_i = delta.segment(i0, ni);
           // S^T = K_j qs_i^T, then P^T = exp(S^T - m) / l, as the forward normalised it
-          st.resize(nj, ni);
+          Mat st(st_p, nj, ni), pt(pt_p, nj, ni), keep(keep_p, nj, ni), dst(dst_p, nj, ni);
           tile_product<P>(nj, ni, a.D, kc.data(), a.D, 1, qt.data() + i0, ldt, st.data(), ni, false);
           if (lg.finishes()) lg.finish_transposed(b, h, i0, j0, st);
           for (Index k = 0; k < nj; ++k) st.row(k).array() = (st.row(k).array() - m_i).exp() * l_i;
           if (pol.rounds_weights()) st = st.unaryExpr(round_weight);
-          const RowMat<C>* pd = &st;  // P'^T, what multiplied the values
+          const Mat* pd = &st;  // P'^T, what multiplied the values
           if (a.keep) {
-            keep.resize(nj, ni);
             for (Index r = 0; r < ni; ++r) {
               const bool* kr = lg.keep_row(b, h, i0 + r);
               for (Index k = 0; k < nj; ++k) keep(k, r) = kr[(j0 + k) * lg.keep_sk()] ? pol.keep_scale() : C(0);
@@ -350,7 +435,6 @@ void attention_backward_kernel(const AttentionProblem<typename Policy::element_t
           // dV_j += P'^T dO_i
           tile_product<P>(nj, a.Dv, ni, pd->data(), ni, 1, go.data() + i0 * a.Dv, a.Dv, dvj.data(), a.Dv, true);
           // dP^T = V_j dO_i^T (times the keep factors), dS^T = P^T * (dP^T - delta)
-          dst.resize(nj, ni);
           tile_product<P>(nj, ni, a.Dv, vc.data(), a.Dv, 1, gt.data() + i0, ldt, dst.data(), ni, false);
           if (a.keep) dst.array() *= keep.array();
           for (Index k = 0; k < nj; ++k) dst.row(k).array() = st.row(k).array() * (dst.row(k).array() - delta_i);
@@ -367,7 +451,7 @@ void attention_backward_kernel(const AttentionProblem<typename Policy::element_t
           // dK_j += dS^T qs_i;  dQ_i += dS K_j
           tile_product<P>(nj, a.D, ni, dst.data(), ni, 1, qs.data() + i0 * a.D, a.D, dkj.data(), a.D, true);
           tile_product<P>(ni, a.D, nj, dst.data(), 1, ni, kc.data(), a.D,
-                          dq_acc.data() + g * q_size + (b * a.Lq + i0) * HD + h * a.D, HD, true);
+                          dq_acc + g * q_size + (b * a.Lq + i0) * HD + h * a.D, HD, true);
         }
         for (Index j = 0; j < nj; ++j) {
           T* kd = dk + b * a.k_sb + (j0 + j) * a.k_sl + h * a.k_sh;
@@ -391,13 +475,13 @@ void attention_backward_kernel(const AttentionProblem<typename Policy::element_t
             dst[c] = T(0);
             continue;
           }
-          C sum = dq_acc[static_cast<std::size_t>(e0 + c)];
-          for (Index g = 1; g < groups; ++g) sum += dq_acc[static_cast<std::size_t>(g * q_size + e0 + c)];
+          C sum = dq_acc[e0 + c];
+          for (Index g = 1; g < groups; ++g) sum += dq_acc[g * q_size + e0 + c];
           dst[c] = static_cast<T>(sum * dq_scale);
         }
       }
   for (int w = 1; shared_bias && w < workers; ++w) {
-    const C* src = bias_private.data() + (w - 1) * bias_size;
+    const C* src = bias_private + (w - 1) * bias_size;
     for (Index e = 0; e < bias_size; ++e) dbias[e] += src[e];
   }
 }

@@ -111,6 +111,8 @@ template <class C>
 struct RowScratch;
 template <class C>
 struct TiledScratch;
+template <class C>
+struct BackwardScratch;
 
 // One attention problem. Every tensor is addressed through element strides over (batch,
 // position, head) with a contiguous depth axis, so Flax's [batch, L, heads, depth]
@@ -174,6 +176,8 @@ struct AttentionProblem {
   RowScratch<accum_t<T>>* row_scratch = nullptr;
   // The same for the tiled kernel (its per-worker state and its mask and value tables).
   TiledScratch<accum_t<T>>* tiled_scratch = nullptr;
+  // The same for the fused backward (attention/backward.hpp: its per-worker tiles).
+  BackwardScratch<accum_t<T>>* backward_scratch = nullptr;
   // What the backward needs from the forward, written when set (null: not wanted):
   // the softmax's row max m and denominator l = sum_j exp(s_j - m) (before dropout),
   // [B, H, Lq] row-major, so that the weights are exp(s - m) / l; and the output before its
