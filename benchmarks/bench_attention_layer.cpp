@@ -20,6 +20,14 @@
 //       >= 128 MiB of caches so the cache is read from DRAM. GB/s counts the cache bytes
 //       read; compare with BM_fused_decode_step (the attention alone) and
 //       BM_memory_read_bandwidth. dtype 16: bfloat16 activations and cache, float params.
+//   BM_self_attention_prefill/L/n/E/H/chunk:1|0  n tokens into an empty L-position cache
+//       in one decode_chunk (chunk:1), against the module without decode over the same n
+//       tokens with is_causal (chunk:0, apply_into with an AttentionWorkspace); GFLOP/s
+//       counts the same dense flops for both (issue 16: prefill >= 0.9x the forward).
+//   BM_self_attention_verify/L/E/H/k  a k-position decode_chunk at the end of an
+//       L-position cache (speculative verification of k drafts; k:1 is one step), cycling
+//       through >= 128 MiB of caches like the decode_step rows: compare k:4's time with
+//       k:1's (issue 16: under 1.5x).
 // GFLOP/s counts the dense 8*B*L*E^2 (four projections) + 4*B*L^2*E (attention) for every
 // row, causal ones included. Compare with the same run's BM_eigen_sgemm/n:1024 (one
 // thread, like every row here but threads:2).
@@ -203,6 +211,87 @@ BENCHMARK(BM_self_attention_decode_step)
     ->ArgNames({"L", "E", "H", "dtype"})
     ->Args({4096, 512, 8, 32})
     ->Args({4096, 512, 8, 16})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+
+void BM_self_attention_prefill(benchmark::State& state) {
+  const Index l = state.range(0), n = state.range(1), e = state.range(2), h = state.range(3);
+  const bool chunk = state.range(4) != 0;
+  linen::AttentionConfig<float> config;
+  config.num_heads = h;
+  linen::Tensor<float, 3> x(1, n, e), y(1, n, e);
+  std::mt19937 gen(1);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = normal(gen);
+  const auto params = linen::SelfAttention<float>(config).init(linen::random::key(0), x).params;
+  if (chunk) {
+    config.decode = true;
+    const linen::SelfAttention<float> layer(config);
+    auto cache = layer.init_cache(params, {1}, l);
+    linen::DecodeWorkspace<float> workspace;
+    for (auto _ : state) {
+      cache.cache_index = 0;
+      layer.decode_chunk(params, cache, x, y, workspace);
+      benchmark::DoNotOptimize(y.data());
+    }
+  } else {
+    config.attention_fn = with_options([](linen::AttentionOptions<float>& o) { o.is_causal = true; });
+    const linen::SelfAttention<float> layer(config);
+    linen::AttentionWorkspace<float> workspace;
+    for (auto _ : state) {
+      layer.apply_into(params, x, y, workspace);
+      benchmark::DoNotOptimize(y.data());
+    }
+  }
+  const double flops = 8.0 * double(n) * double(e) * double(e) + 4.0 * double(n) * double(n) * double(e);
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_self_attention_prefill)
+    ->ArgNames({"L", "n", "E", "H", "chunk"})
+    ->Args({4096, 512, 512, 8, 1})
+    ->Args({4096, 512, 512, 8, 0})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
+void BM_self_attention_verify(benchmark::State& state) {
+  const Index l = state.range(0), e = state.range(1), h = state.range(2), k = state.range(3);
+  linen::AttentionConfig<float> config;
+  config.num_heads = h;
+  config.decode = true;
+  const linen::SelfAttention<float> layer(config);
+  linen::Tensor<float, 3> x(1, k, e), y(1, k, e);
+  std::mt19937 gen(1);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = normal(gen);
+  const auto params = layer.init(linen::random::key(0), x).params;
+  const Index cache_bytes = 2 * l * e * Index(sizeof(float));
+  const Index count = std::max<Index>(2, (Index{128} << 20) / cache_bytes);
+  std::vector<linen::SelfAttention<float>::Cache> caches;
+  std::uint32_t r = 12345;
+  for (Index c = 0; c < count; ++c) {
+    caches.push_back(layer.init_cache(params, {1}, l));
+    for (auto* t : {&caches.back().cached_key, &caches.back().cached_value})
+      for (Index i = 0; i < t->size(); ++i) {
+        r = r * 1664525u + 1013904223u;
+        t->data()[i] = float(r >> 8) * 0x1p-24f * 2.0f - 1.0f;
+      }
+  }
+  linen::DecodeWorkspace<float> workspace;
+  Index c = 0;
+  for (auto _ : state) {
+    auto& cache = caches[static_cast<std::size_t>(c)];
+    cache.cache_index = static_cast<std::int32_t>(l - k);  // the last row attends to all L positions
+    layer.decode_chunk(params, cache, x, y, workspace);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+    c = (c + 1) % count;
+  }
+  state.counters["GB/s"] = benchmark::Counter(double(cache_bytes) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_self_attention_verify)
+    ->ArgNames({"L", "E", "H", "k"})
+    ->Args({4096, 512, 8, 1})
+    ->Args({4096, 512, 8, 4})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 

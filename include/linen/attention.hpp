@@ -417,6 +417,33 @@ class MultiHeadDotProductAttention {
   template <class XQ, class Out>
   void decode_step(const Params& params, Cache& cache, const XQ& inputs_q, Out&& out, DecodeWorkspace<T>& workspace,
                    const CallOptions<T>& call = {}) const {
+    step_into(params, cache, inputs_q, out, workspace, call, false);
+  }
+
+  // A multi-token step (prefill, or the verification of draft tokens): writes the keys
+  // and values of n positions at cache_index, attends causally (chunk row i sees cache
+  // positions j <= cache_index + i: everything before the chunk and the chunk up to
+  // itself) and advances cache_index by n. Beyond Flax, whose decode takes one position.
+  //   inputs_q: [batch..., n, features], n >= 1; out: [batch..., n, out_features].
+  //   call.mask (optional): [batch..., num_heads|1, n|1, max_length|1], combined with the
+  //   causal rule as a decode step combines it.
+  // Validation, the workspace, the fallback and the allocation rules are decode_step's;
+  // a chunk that does not fit throws linen::cache_overflow, and every error leaves the
+  // cache unchanged. The cache written equals, byte for byte, the one n decode steps write;
+  // the outputs equal theirs to rounding (the attention kernel blocks a chunk's rows
+  // differently: see detail/decode/cache_ops.hpp, attend). To undo a step
+  // (rejected drafts): linen::rollback (decode.hpp).
+  template <class XQ, class Out>
+  void decode_chunk(const Params& params, Cache& cache, const XQ& inputs_q, Out&& out, DecodeWorkspace<T>& workspace,
+                    const CallOptions<T>& call = {}) const {
+    step_into(params, cache, inputs_q, out, workspace, call, true);
+  }
+
+ private:
+  // decode_step (chunk false: Flax's one position) and decode_chunk (any n >= 1).
+  template <class XQ, class Out>
+  void step_into(const Params& params, Cache& cache, const XQ& inputs_q, Out& out, DecodeWorkspace<T>& workspace,
+                 const CallOptions<T>& call, bool chunk) const {
     using O = std::remove_cv_t<std::remove_reference_t<Out>>;
     check_inputs<XQ, XQ, XQ>();
     constexpr int N = detail::tensor_traits<XQ>::rank;
@@ -428,9 +455,11 @@ class MultiHeadDotProductAttention {
     if (!config_.decode) throw linen::invalid_argument(name() + ": a cache is only used with decode=true");
     auto& ws = detail::decode::Access::state(workspace);
     const bool deterministic = resolve_deterministic(call);
+    if (chunk && inputs_q.dimension(N - 2) < 1) detail::decode::throw_empty_chunk(shape_of(inputs_q), name());
     if (!direct_decode(deterministic, call)) {
-      check_out_shape(out, decode_out_shape(shape_of(inputs_q)));
-      const Tensor<T, N> y = apply_impl(params, &cache, inputs_q, inputs_q, inputs_q, call);
+      check_out_shape(out, decode_out_shape(shape_of(inputs_q), chunk));
+      const Tensor<T, N> y = apply_impl(params, &cache, inputs_q, inputs_q, inputs_q, call,
+                                              static_cast<detail::NoTape*>(nullptr), chunk);
       std::copy(y.data(), y.data() + y.size(), out.data());
       return;
     }
@@ -445,30 +474,33 @@ class MultiHeadDotProductAttention {
     now.insert(now.end(), cache.batch.begin(), cache.batch.end());
     for (const auto* t : {&cache.cached_key, &cache.cached_value}) put_dims(now, *t);
     put_mask_signature(now, call.mask);
+    now.push_back(Index{chunk});  // decode_step keeps Flax's length check
     const detail::decode::Validated* valid = ws.find();
     if (!valid) {
       const Shape qs = shape_of(inputs_q);
       check_shapes(qs, qs, qs);
       const AttentionParamShapes s = param_shapes(qs.back(), qs.back(), qs.back());
       const Shape batch(qs.begin(), qs.end() - 2);
-      detail::decode::check_cache(cache, batch, qs[qs.size() - 2], s.num_heads, s.head_dim, name());
+      const Index lq = qs[qs.size() - 2];
+      detail::decode::check_cache(cache, batch, lq, s.num_heads, s.head_dim, name(), chunk);
       detail::check_attention_params(params, s, qs, qs, qs, name());
-      check_out_shape(out, decode_out_shape(qs));
+      check_out_shape(out, decode_out_shape(qs, chunk));
       detail::MaskPlan plan;
-      if (call.mask) plan = detail::mask_plan(call.mask, batch, config_.num_heads, 1, cache.max_length(), name());
+      if (call.mask) plan = detail::mask_plan(call.mask, batch, config_.num_heads, lq, cache.max_length(), name());
       valid = &ws.remember(std::move(plan), num_elements(batch));
     }
-    detail::decode::check_room(cache, 1, name_);
+    const Index n = inputs_q.dimension(N - 2);  // 1 for decode_step (checked)
+    detail::decode::check_room(cache, n, name_);
 
     const Index B = cache.cached_key.dimension(0), H = config_.num_heads, dh = cache.cached_key.dimension(3),
-                F = H * dh;
-    for (auto* buf : {&ws.q, &ws.k, &ws.v, &ws.x}) buf->resize(static_cast<std::size_t>(B * F));
-    detail::decode::kept_rows<QKVDense>(ws.kept[0], params.query, config_.use_bias, inputs_q.data(), B, ws.q.data(), ws.dense);
-    detail::decode::kept_rows<QKVDense>(ws.kept[1], params.key, config_.use_bias, inputs_q.data(), B, ws.k.data(), ws.dense);
-    detail::decode::kept_rows<QKVDense>(ws.kept[2], params.value, config_.use_bias, inputs_q.data(), B, ws.v.data(), ws.dense);
+                F = H * dh, rows = B * n;
+    for (auto* buf : {&ws.q, &ws.k, &ws.v, &ws.x}) buf->resize(static_cast<std::size_t>(rows * F));
+    detail::decode::kept_rows<QKVDense>(ws.kept[0], params.query, config_.use_bias, inputs_q.data(), rows, ws.q.data(), ws.dense);
+    detail::decode::kept_rows<QKVDense>(ws.kept[1], params.key, config_.use_bias, inputs_q.data(), rows, ws.k.data(), ws.dense);
+    detail::decode::kept_rows<QKVDense>(ws.kept[2], params.value, config_.use_bias, inputs_q.data(), rows, ws.v.data(), ws.dense);
     if (config_.normalize_qk) {
-      qk_norm_instance().apply_rows(params.query_ln, ws.q.data(), B * H, dh, ws.q.data());
-      qk_norm_instance().apply_rows(params.key_ln, ws.k.data(), B * H, dh, ws.k.data());
+      qk_norm_instance().apply_rows(params.query_ln, ws.q.data(), rows * H, dh, ws.q.data());
+      qk_norm_instance().apply_rows(params.key_ln, ws.k.data(), rows * H, dh, ws.k.data());
     }
     detail::FusedView<bool> mask;
     if (call.mask) {
@@ -479,10 +511,12 @@ class MultiHeadDotProductAttention {
       }
       mask = detail::mask_view(m, valid->mask_dims);
     }
-    detail::decode::write(cache, ws.k.data(), ws.v.data(), 1);
-    detail::decode::attend(cache, ws.q.data(), 1, mask, ws.x.data(), config_.thread_pool, &ws.row);
-    detail::decode::kept_rows<OutDense>(ws.kept[3], params.out, config_.use_bias, ws.x.data(), B, out.data(), ws.dense);
+    detail::decode::write(cache, ws.k.data(), ws.v.data(), n);
+    detail::decode::attend(cache, ws.q.data(), n, mask, ws.x.data(), config_.thread_pool, &ws.row, &ws.tiled);
+    detail::decode::kept_rows<OutDense>(ws.kept[3], params.out, config_.use_bias, ws.x.data(), rows, out.data(), ws.dense);
   }
+
+ public:
 
   // A zero decode cache for `batch` ([batch...]) sequences of up to `max_length`
   // positions, sized from the parameters (what init makes with decode=true; use it with
@@ -610,10 +644,11 @@ class MultiHeadDotProductAttention {
     return c;
   }
 
-  // [batch..., 1, out_features] for a decode step's inputs_q [batch..., 1, features].
-  Shape decode_out_shape(const Shape& qs) const {
+  // [batch..., 1, out_features] for a decode step's inputs_q [batch..., 1, features]
+  // ([batch..., n, out_features] for a chunk's [batch..., n, features]).
+  Shape decode_out_shape(const Shape& qs, bool chunk = false) const {
     Shape s(qs.begin(), qs.end() - 2);
-    s.insert(s.end(), {1, out_features(qs.back())});
+    s.insert(s.end(), {chunk ? qs[qs.size() - 2] : 1, out_features(qs.back())});
     return s;
   }
   template <class Out>
@@ -709,7 +744,7 @@ class MultiHeadDotProductAttention {
   Tensor<T, detail::signature_traits<XQ>::rank> apply_impl(const Params& params, Cache* cache, const XQ& inputs_q,
                                                        const XK& inputs_k, const XV& inputs_v,
                                                        const CallOptions<T>& call,
-                                                       Tape* tape = nullptr) const {
+                                                       Tape* tape = nullptr, bool chunk = false) const {
     check_inputs<XQ, XK, XV>();
     constexpr bool kRecord = std::is_same_v<Tape, detail::AttentionTape<T>>;
     static_assert(kRecord || std::is_same_v<Tape, detail::NoTape>, "linen: internal: unknown tape");
@@ -741,10 +776,10 @@ class MultiHeadDotProductAttention {
     ArrayRef<bool> mask;
     if (cache) {
       // One decode step (Flax's `if self.decode:` branch, cache initialised).
-      detail::decode::check_cache(*cache, batch, lq, H, dh, n);
+      detail::decode::check_cache(*cache, batch, lq, H, dh, n, chunk);
       detail::decode::check_room(*cache, lq, name_);
       lk = cache->max_length();
-      mask = detail::flatten_mask(call.mask, batch, H, 1, lk, mask_storage, n);
+      mask = detail::flatten_mask(call.mask, batch, H, lq, lk, mask_storage, n);  // lq: 1 unless a chunk
     } else {
       mask = detail::flatten_mask(call.mask, batch, H, lq, lk, mask_storage, n);
     }
@@ -1193,6 +1228,9 @@ class SelfAttention : private MultiHeadDotProductAttention<T, ParamT> {
   // decode_step(params, cache, inputs_q, out, workspace[, call]): see
   // MultiHeadDotProductAttention::decode_step.
   using Base::decode_step;
+  // decode_chunk(params, cache, inputs_q, out, workspace[, call]): n positions in one step;
+  // see MultiHeadDotProductAttention::decode_chunk.
+  using Base::decode_chunk;
   // The module as a MultiHeadDotProductAttention (e.g. to pass where one is expected).
   const Base& as_multi_head() const { return *this; }
 };

@@ -4,16 +4,21 @@
 // and the reusable buffers of an allocation-free decode step:
 //   AttentionCache<T>    cached_key, cached_value, cache_index: Flax's variables;
 //   DecodeWorkspace<T>   buffers and validated shapes for decode_step, one per decoding
-//                        thread.
+//                        thread;
+//   rollback             the cache truncated back to an earlier cache_index (rejected
+//                        speculative tokens).
 // The modules' decode steps (MultiHeadDotProductAttention::apply with decode=true,
 // ::decode_step, ::init_cache) are in attention.hpp; the step's machinery (writing the
 // cache, undoing a failed step, the cache mask, the validated shapes) in detail/decode/.
 #ifndef LINEN_DECODE_HPP
 #define LINEN_DECODE_HPP
 
+#include <algorithm>
 #include <cstdint>
+#include <string>
 
 #include "detail/decode/workspace.hpp"
+#include "errors.hpp"
 #include "tensor.hpp"
 
 namespace linen {
@@ -60,6 +65,32 @@ class DecodeWorkspace {
   friend struct detail::decode::Access;
   detail::decode::WorkspaceState<T> state_;
 };
+
+// Truncates `cache` to its first `cache_index` positions: the index set back and the
+// slots [cache_index, old index) of every sequence zeroed, as init_cache made them. After
+// a multi-token step (decode_chunk) whose tokens past the first `cache_index` were
+// rejected, the cache is then byte for byte the one that took only the accepted tokens
+// (cached_key, cached_value and cache_index), provided its slots past the index were
+// zeros, as every cache init / init_cache makes and every step and rollback keeps. Throws
+// linen::invalid_argument, the cache unchanged, unless 0 <= cache_index <= the current
+// index (a rollback never moves forward). Allocates nothing unless it throws.
+template <class T>
+void rollback(AttentionCache<T>& cache, Index cache_index) {
+  const Index cur = cache.cache_index, L = cache.max_length();
+  if (cache_index < 0 || cache_index > cur || cur > L)
+    throw linen::invalid_argument("linen: rollback to cache_index " + std::to_string(cache_index) +
+                                  " of a cache at cache_index " + std::to_string(cur) + " (max_length " +
+                                  std::to_string(L) + "): it must lie in [0, " + std::to_string(cur) +
+                                  "]; the cache is unchanged");
+  const Index B = cache.cached_key.dimension(0),
+              F = cache.cached_key.dimension(2) * cache.cached_key.dimension(3);
+  if (cache.cached_value.dimensions() != cache.cached_key.dimensions())  // (no allocation unless it throws)
+    throw linen::invalid_argument("linen: rollback: cached_value has shape " + to_string(shape_of(cache.cached_value)) +
+                                  ", cached_key " + to_string(shape_of(cache.cached_key)) + "; the cache is unchanged");
+  for (Tensor<T, 4>* t : {&cache.cached_key, &cache.cached_value})
+    for (Index b = 0; b < B; ++b) std::fill(t->data() + (b * L + cache_index) * F, t->data() + (b * L + cur) * F, T(0));
+  cache.cache_index = static_cast<std::int32_t>(cache_index);
+}
 
 namespace detail {
 namespace decode {

@@ -9,8 +9,12 @@
 //   cache_mask      Flax's combine_masks(mask, arange(max_length) <= index) for an
 //                   attention_fn that reads the whole cache;
 //   attend          the fused kernel over the cache, reading only the valid positions.
-// A step is n positions of one index shared by the batch; Flax's decode steps have n = 1.
-// (Per-sequence positions and multi-token steps extend these, not the module.)
+//   throw_empty_chunk   a multi-token step of no positions;
+// A step is n positions of one index shared by the batch; Flax's decode steps have n = 1,
+// decode_chunk's any n >= 1 (prefill, speculative verification). Slots past the index
+// hold zeros, as init_cache makes them: steps only write at the index and rollback zeroes
+// what it drops (linen::rollback, decode.hpp), so a rolled-back cache is byte for byte one that never took the step.
+// (Per-sequence positions extend these, not the module.)
 #ifndef LINEN_DETAIL_DECODE_CACHE_OPS_HPP
 #define LINEN_DETAIL_DECODE_CACHE_OPS_HPP
 
@@ -34,14 +38,14 @@ namespace decode {
 
 // Throws linen::invalid_argument unless `cache` serves a step whose projected query is
 // [batch..., lq, heads, head_dim]: Flax's check (the cache's [batch..., 1, heads,
-// head_dim] against the query's), then that cached_key holds prod(cache.batch) sequences
-// and cached_value has cached_key's shape.
+// head_dim] against the query's; a chunk, any_length, takes any lq), then that cached_key
+// holds prod(cache.batch) sequences and cached_value has cached_key's shape.
 template <class T>
 void check_cache(const AttentionCache<T>& cache, const Shape& batch, Index lq, Index heads, Index head_dim,
-                 const std::string& name) {
+                 const std::string& name, bool any_length = false) {
   const Shape cshape = shape_of(cache.cached_key);
   Shape expected = cache.batch;
-  expected.insert(expected.end(), {1, cshape[2], cshape[3]});
+  expected.insert(expected.end(), {any_length ? lq : 1, cshape[2], cshape[3]});
   Shape got = batch;
   got.insert(got.end(), {lq, heads, head_dim});
   if (expected != got)
@@ -66,6 +70,13 @@ void check_room(const AttentionCache<T>& cache, Index n, const char* name) {
     throw cache_overflow(std::string(name) + ": decode step at cache_index " + std::to_string(cur) +
                          " does not fit a cache of max_length " + std::to_string(L) +
                          " (Flax would overwrite the last slot); the cache is unchanged");
+}
+
+// The linen::invalid_argument of a chunk's inputs_q [batch..., n, features] with n = 0 (a
+// step of no positions is a caller's mistake, not a no-op to hide).
+[[noreturn]] inline void throw_empty_chunk(const Shape& qs, const std::string& name) {
+  throw linen::invalid_argument(name + ": decode_chunk's inputs_q " + to_string(qs) +
+                                " must be [batch..., n, features] with n >= 1");
 }
 
 // Writes k and v ([B, n, H * head_dim] rows) at positions [index, index + n) and
@@ -147,10 +158,13 @@ inline Tensor<bool, 4> cache_mask(const ArrayRef<bool>& user, Index B, Index n, 
 // q [B, n, H, head_dim] attends to the cache with the cache mask (positions j <= first + i,
 // first = index - n) and the caller's `mask`, into out [B, n, H, head_dim]. Positions past
 // the index are never read unless a row is masked everywhere else: then, as in Flax, it
-// averages all max_length slots.
+// averages all max_length slots. One or two rows take the row kernel, more the tiled
+// kernel (fused_attention.hpp), whose online softmax visits the keys in other blocks: a
+// chunk of n > 2 rows equals n single steps to rounding, not bit for bit.
 template <class T>
 void attend(const AttentionCache<T>& cache, const T* q, Index n, const FusedView<bool>& mask, T* out,
-            Eigen::ThreadPoolInterface* pool, RowScratch<accum_t<T>>* scratch) {
+            Eigen::ThreadPoolInterface* pool, RowScratch<accum_t<T>>* scratch,
+            TiledScratch<accum_t<T>>* tiled = nullptr) {
   AttentionDims d;  // q [B, n, H, dh], the cache [B, max_length, H, dh]: Flax's layouts
   d.B = cache.cached_key.dimension(0);
   d.Lq = n;
@@ -164,6 +178,7 @@ void attend(const AttentionCache<T>& cache, const T* q, Index n, const FusedView
   a.causal_hides_values = true;  // positions past the index are never read
   a.pool = pool;
   a.row_scratch = scratch;
+  a.tiled_scratch = tiled;
   fused_attention<T>(a);
 }
 

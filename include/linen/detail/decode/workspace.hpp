@@ -127,6 +127,7 @@ struct WorkspaceState {
   DenseScratch<C> dense;      // half types' promoted copies
   std::array<KeptKernel<C>, 4> kept;  // query, key, value, out: see kept_rows
   RowScratch<C> row;          // the decode kernel's
+  TiledScratch<C> tiled;      // the tiled kernel's (decode_chunk of more than two rows)
   std::vector<Index> now;     // this step's signature (no allocation once grown)
   std::array<Validated, kValidatedSignatures> validated{};
   std::size_t count = 0, next = 0;
