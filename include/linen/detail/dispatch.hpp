@@ -64,10 +64,17 @@ struct Gemm {
                       Eigen::ThreadPoolInterface* pool);
 };
 
+// detail::gemm::gemv<T> (gemm/gemv.hpp), the decode step's projections: float, double.
+template <class T>
+struct Gemv {
+  using fn = void (*)(Index M, Index N, Index K, const T* x, Index ldx, const T* W, Index ldw, const T* bias, T* y,
+                      Index ldy, Eigen::ThreadPoolInterface* pool);
+};
+
 // The entries of each policy, and those tied to no policy.
 template <class Policy>
 using PolicyEntries = List<Forward<Policy>, Backward<Policy>>;
-using OtherEntries = List<Gemm<float>, Gemm<double>>;
+using OtherEntries = List<Gemm<float>, Gemm<double>, Gemv<float>, Gemv<double>>;
 
 template <class... L>
 struct Concat;
