@@ -20,6 +20,8 @@
 //       >= 128 MiB of caches so the cache is read from DRAM. GB/s counts the cache bytes
 //       read; compare with BM_fused_decode_step (the attention alone) and
 //       BM_memory_read_bandwidth. dtype 16: bfloat16 activations and cache, float params.
+//       L:256 rows: a short cache, where the four projections (the GEMV, bench_gemm.cpp's
+//       BM_gemv rows) take most of the step.
 // GFLOP/s counts the dense 8*B*L*E^2 (four projections) + 4*B*L^2*E (attention) for every
 // row, causal ones included. Compare with the same run's BM_eigen_sgemm/n:1024 (one
 // thread, like every row here but threads:2).
@@ -203,6 +205,8 @@ BENCHMARK(BM_self_attention_decode_step)
     ->ArgNames({"L", "E", "H", "dtype"})
     ->Args({4096, 512, 8, 32})
     ->Args({4096, 512, 8, 16})
+    ->Args({256, 512, 8, 32})
+    ->Args({256, 2048, 16, 32})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 
