@@ -30,12 +30,21 @@ namespace {
 using linen::Index;
 namespace gemm = linen::detail::gemm;
 
-// Narrow tiles (one packet) and a short prefetch distance: every loop of the driver taken.
+// Narrow tiles (one packet) and depth blocks of 3 steps: every loop of the driver taken;
+// and whole-depth blocks without the prefetch.
 template <class P>
 struct NarrowBlocking {
   template <int R>
   static constexpr int NB = 1;
-  static constexpr Index PF = 2;
+  static constexpr Index KB = 3;
+  static constexpr bool prefetch = true;
+};
+template <class P>
+struct DeepBlocking {
+  template <int R>
+  static constexpr int NB = linen::detail::gemm::GemvBlocking<P>::template NB<R>;
+  static constexpr Index KB = 1 << 20;
+  static constexpr bool prefetch = false;
 };
 
 // x[M, K] in rows of ldx, W[K, N] in rows of ldw, y[M, N] in rows of ldy; the padding of y
@@ -132,12 +141,12 @@ using Types = ::testing::Types<float, double>;
 TYPED_TEST_SUITE(GemvTest, Types);
 
 // Rows 1..9 (every row group, and past kGemvMaxRows); widths around one packet and one
-// tile; depths around the prefetch distance and past one GEMM depth block.
+// tile; depths around the depth block (KB = 8) and past one GEMM depth block.
 TYPED_TEST(GemvTest, MatchesTheExactProductOverEdgeShapes) {
   using T = TypeParam;
   const Index ms[] = {1, 2, 3, 4, 5, 9};
   const Index ns[] = {1, 3, 8, 16, 17, 33, 130, 257};
-  const Index ks[] = {0, 1, 7, 9, 64, 520};
+  const Index ks[] = {0, 1, 7, 8, 9, 17, 64, 520};
   unsigned seed = 1;
   for (Index m : ms)
     for (Index n : ns)
@@ -164,7 +173,7 @@ TYPED_TEST(GemvTest, EmptyShapes) {
   }
 }
 
-// The numerics rule: the narrow blocking, the scalar member, a pool of 2 or 3 threads (the
+// The numerics rule: the narrow blocking, one depth block, the scalar member, a pool of 2 or 3 threads (the
 // columns split among them) and the GEMM on the same rows give the same bits.
 TYPED_TEST(GemvTest, BitsDoNotDependOnBlockingThreadsOrPacketAndEqualTheGemm) {
   using T = TypeParam;
@@ -178,6 +187,7 @@ TYPED_TEST(GemvTest, BitsDoNotDependOnBlockingThreadsOrPacketAndEqualTheGemm) {
     c.expect_near_exact(base);
     const auto shape = ::testing::Message() << "shape " << s[0] << "x" << s[1] << "x" << s[2];
     EXPECT_EQ(c.template gemv<NarrowBlocking>(), base) << "narrow tiles, " << shape;
+    EXPECT_EQ(c.template gemv<DeepBlocking>(), base) << "one depth block, " << shape;
     EXPECT_EQ((c.template gemv<gemm::GemvBlocking, true>()), base) << "scalar member, " << shape;
     EXPECT_EQ(c.gemv(&pool2), base) << "2 threads, " << shape;
     EXPECT_EQ(c.template gemv<NarrowBlocking>(&pool3), base) << "narrow tiles on 3 threads, " << shape;

@@ -8,15 +8,16 @@
 // (linen::dispatch instantiates one per level, detail/dispatch.hpp's Gemv entry).
 //
 // No packing: the rows go in groups of up to kGemvGroupRows, and for each group W is read
-// once, straight from memory, in column tiles of NB packets (GemvBlocking): per step of k,
-// NB packet loads of W's row k, one broadcast of x[r, k] per row and R x NB fused
-// multiply-adds into accumulators held in registers; W's rows are prefetched a few steps
-// ahead. A few rows thus stream the kernel once at memory bandwidth; DenseGeneral's by_row
+// once, straight from memory, front to back in blocks of KB rows (GemvBlocking), each block
+// in column tiles of NB packets: per step of k, NB packet loads of W's row k, one broadcast
+// of x[r, k] per row and R x NB fused multiply-adds into accumulators held in registers;
+// the next block is prefetched while one runs. A few rows thus stream the kernel once at memory bandwidth; DenseGeneral's by_row
 // products (decode steps) take it through gemm::multiply_rows (product.hpp).
 //
 // Numerics, the GEMM's (kernel.hpp): every element of y is one chain of simd::fmadd over k
 // in order, starting from zero, then + bias[j] once. So the bits do not depend on the row
-// groups, the column tiles, the packet width (scalar columns included), the prefetch or the
+// groups, the column tiles, the depth blocks (a block continues the chain from the value
+// the previous one stored), the packet width (scalar columns included), the prefetch or the
 // threads (columns split among them), and they equal gemm<T>'s for the same rows at the
 // same level: a step of decode and apply over the same row agree. Like the GEMM, a level
 // with FMA rounds each multiply-add once and the SSE2 level twice (simd::fmadd), so the
@@ -25,6 +26,8 @@
 #define LINEN_DETAIL_GEMM_GEMV_HPP
 
 #include <algorithm>
+#include <cstddef>
+#include <tuple>
 #include <type_traits>
 
 #include <Eigen/Core>
@@ -47,11 +50,14 @@ inline constexpr int kGemvGroupRows = 4;
 
 // The column tile of a group of R rows: R x NB accumulators, plus R broadcasts and the
 // loads, within the register file (32 registers: NB 16, 8, 8, 4 for R 1..4; 16: 8, 4, 2, 2).
-// Powers of two, so that the layers' widths (multiples of 64) need no narrower tile.
-// Measured on Zen 5 (float, AVX-512, one row, E = 512): see bench_gemm.cpp's BM_gemv rows.
+// Powers of two, so that the layers' widths (multiples of 64) need no narrower tile. KB:
+// the steps of k of one block (every tile of a block is done before the next block: W is
+// read front to back), the next block prefetched while one runs. Measured on Zen 5 (float,
+// AVX-512, W from DRAM, a loaded machine): blocks of 8 rows ran M = 4 x [2048, 2048]
+// ~25% faster than whole-depth tiles with an 8-row prefetch, and M = 1 5-15% faster;
+// blocks of 4, 16 or 32 rows were within the noise of 8 (see bench_gemm.cpp's BM_gemv).
 template <class P>
 struct GemvBlocking {
-  static constexpr int W = simd::size_v<P>;
   static constexpr int kAcc = simd::kRegisters - 4;  // registers for accumulators
   static constexpr int cap(int r) {
     int nb = simd::kRegisters / 2;
@@ -60,28 +66,28 @@ struct GemvBlocking {
   }
   template <int R>
   static constexpr int NB = simd::is_scalar_v<P> ? 4 : cap(R);
-  // Steps of k W's rows are prefetched ahead (bytes of W in flight: PF * tile width).
-  static constexpr Index PF = 8;
+  static constexpr Index KB = 8;
+  static constexpr bool prefetch = true;
 };
 
-// y[0, R) x [0, NB * W) = x[0, R) . W[., NB * W) (+ bias): one column tile of one group.
-template <class P, int R, int NB, class Blk>
-inline void gemv_tile(Index K, const simd::scalar_t<P>* x, Index ldx, const simd::scalar_t<P>* w, Index ldw,
-                      const simd::scalar_t<P>* bias, simd::scalar_t<P>* y, Index ldy) {
+// y[0, R) x [0, NB * W) = (accumulate ? y : 0) + x[0, R) . W[0, kb) (+ bias): one
+// column tile of one group over one block of kb steps of k (x and W point at the block's
+// first step). `next` (may be null): the same tile in the next block, prefetched a row per
+// step.
+template <class P, int R, int NB>
+inline void gemv_tile(Index kb, const simd::scalar_t<P>* x, Index ldx, const simd::scalar_t<P>* w, Index ldw,
+                      const simd::scalar_t<P>* next, bool accumulate, const simd::scalar_t<P>* bias,
+                      simd::scalar_t<P>* y, Index ldy) {
   constexpr int W = simd::size_v<P>;
   using S = simd::scalar_t<P>;
   P acc[R][NB];
-  unroll<R>([&](auto r) { unroll<NB>([&](auto n) { acc[r][n] = simd::set1<P>(S(0)); }); });
-  const Index pf_end = std::max<Index>(0, K - Blk::PF);
-  Index k = 0;
-  for (; k < pf_end; ++k, w += ldw) {
-    simd::prefetch(w + Blk::PF * ldw, static_cast<std::ptrdiff_t>(sizeof(S)) * NB * W);
-    unroll<R>([&](auto r) {
-      const P xv = simd::set1<P>(x[r * ldx + k]);
-      unroll<NB>([&](auto n) { acc[r][n] = simd::fmadd(xv, simd::load<P>(w + n * W), acc[r][n]); });
-    });
+  if (accumulate) {
+    unroll<R>([&](auto r) { unroll<NB>([&](auto n) { acc[r][n] = simd::load<P>(y + r * ldy + n * W); }); });
+  } else {
+    unroll<R>([&](auto r) { unroll<NB>([&](auto n) { acc[r][n] = simd::set1<P>(S(0)); }); });
   }
-  for (; k < K; ++k, w += ldw) {
+  for (Index k = 0; k < kb; ++k, w += ldw) {
+    if (next) simd::prefetch(next + k * ldw, static_cast<std::ptrdiff_t>(sizeof(S)) * NB * W);
     unroll<R>([&](auto r) {
       const P xv = simd::set1<P>(x[r * ldx + k]);
       unroll<NB>([&](auto n) { acc[r][n] = simd::fmadd(xv, simd::load<P>(w + n * W), acc[r][n]); });
@@ -96,8 +102,12 @@ inline void gemv_tile(Index K, const simd::scalar_t<P>* x, Index ldx, const simd
   unroll<R>([&](auto r) { unroll<NB>([&](auto n) { simd::store(y + r * ldy + n * W, acc[r][n]); }); });
 }
 
-// Columns [j0, j1) of a group of R rows: tiles of NB packets, then of one packet, then
-// single columns (the scalar member: simd::fmadd rounds as the packets do).
+// Columns [j0, j1) of a group of R rows, block of KB steps of k after block: in each,
+// tiles of NB packets, then of one packet, then single columns (the scalar member:
+// simd::fmadd rounds as the packets do). A block's rows are read whole before the next
+// block's (W streams front to back even when a row holds several tiles); a later block
+// continues each element's chain from the value the previous one stored in y, and the
+// bias is added after the last.
 template <class P, int R, class Blk>
 inline void gemv_columns(Index j0, Index j1, Index K, const simd::scalar_t<P>* x, Index ldx,
                          const simd::scalar_t<P>* w, Index ldw, const simd::scalar_t<P>* bias, simd::scalar_t<P>* y,
@@ -105,14 +115,32 @@ inline void gemv_columns(Index j0, Index j1, Index K, const simd::scalar_t<P>* x
   using S = simd::scalar_t<P>;
   constexpr int W = simd::size_v<P>;
   constexpr int NB = Blk::template NB<R>;
-  Index j = j0;
-  auto b = [&](Index c) { return bias ? bias + c : nullptr; };
-  for (; j + NB * W <= j1; j += NB * W) gemv_tile<P, R, NB, Blk>(K, x, ldx, w + j, ldw, b(j), y + j, ldy);
-  if constexpr (NB > 1) {
-    for (; j + W <= j1; j += W) gemv_tile<P, R, 1, Blk>(K, x, ldx, w + j, ldw, b(j), y + j, ldy);
-  }
-  if constexpr (W > 1) {
-    for (; j < j1; ++j) gemv_tile<S, R, 1, Blk>(K, x, ldx, w + j, ldw, b(j), y + j, ldy);
+  for (Index k0 = 0; k0 < K; k0 += Blk::KB) {
+    const Index kb = std::min<Index>(Blk::KB, K - k0);
+    const bool accumulate = k0 > 0, last = k0 + kb == K;
+    const bool fetch = Blk::prefetch && k0 + 2 * Blk::KB <= K;  // the next block is whole
+    const S* xk = x + k0;
+    const S* wk = w + k0 * ldw;
+    auto tile_args = [&](Index j) {
+      return std::make_tuple(wk + j, fetch ? wk + Blk::KB * ldw + j : nullptr, last && bias ? bias + j : nullptr, y + j);
+    };
+    Index j = j0;
+    for (; j + NB * W <= j1; j += NB * W) {
+      const auto [wj, nj, bj, yj] = tile_args(j);
+      gemv_tile<P, R, NB>(kb, xk, ldx, wj, ldw, nj, accumulate, bj, yj, ldy);
+    }
+    if constexpr (NB > 1) {
+      for (; j + W <= j1; j += W) {
+        const auto [wj, nj, bj, yj] = tile_args(j);
+        gemv_tile<P, R, 1>(kb, xk, ldx, wj, ldw, nj, accumulate, bj, yj, ldy);
+      }
+    }
+    if constexpr (W > 1) {
+      for (; j < j1; ++j) {
+        const auto [wj, nj, bj, yj] = tile_args(j);
+        gemv_tile<S, R, 1>(kb, xk, ldx, wj, ldw, nj, accumulate, bj, yj, ldy);
+      }
+    }
   }
 }
 
