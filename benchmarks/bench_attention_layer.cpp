@@ -20,6 +20,8 @@
 //       >= 128 MiB of caches so the cache is read from DRAM. GB/s counts the cache bytes
 //       read; compare with BM_fused_decode_step (the attention alone) and
 //       BM_memory_read_bandwidth. dtype 16: bfloat16 activations and cache, float params.
+//       L:256 rows: a short cache, where the four projections (the GEMV, bench_gemm.cpp's
+//       BM_gemv rows) take most of the step.
 //   BM_self_attention_prefill/L/n/E/H/chunk:1|0  n tokens into an empty L-position cache
 //       in one decode_chunk (chunk:1), against the module without decode over the same n
 //       tokens with is_causal (chunk:0, apply_into with an AttentionWorkspace); GFLOP/s
@@ -211,6 +213,8 @@ BENCHMARK(BM_self_attention_decode_step)
     ->ArgNames({"L", "E", "H", "dtype"})
     ->Args({4096, 512, 8, 32})
     ->Args({4096, 512, 8, 16})
+    ->Args({256, 512, 8, 32})
+    ->Args({256, 2048, 16, 32})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 

@@ -12,6 +12,15 @@
 //                                 BLAS library's own threads off: OPENBLAS_NUM_THREADS=1;
 //                                 Debian's OpenBLAS 0.3.21 takes its AVX2 Haswell kernels
 //                                 on Zen 5 unless OPENBLAS_CORETYPE=SKYLAKEX)
+// And the decode step's projections, a few rows times one kernel (the kernels cycled
+// through >= 128 MiB, so each is read from DRAM, as a decode step finds it):
+//   BM_gemv_linen/M/N/K/threads   gemm::multiply_rows (detail/gemm/gemv.hpp: what
+//                                 DenseGeneral's by_row and decode_step run; the active
+//                                 level's with linen::dispatch), columns split over the pool
+//   BM_gemv_eigen/M/N/K/threads   Eigen's row-vector product per row on the calling thread,
+//                                 compiled at this file's flags (what by_row ran before)
+// GB/s counts the kernel's K N 4 bytes; compare with the same run's BM_memory_read_streams
+// of the same thread count (bench_fused_attention.cpp).
 // GFLOP/s counts 2 M N K; q, k, v as one product is the N = 3E row against three times
 // the N = E row. The FMA peak of one thread is 2 x lanes x FMA pipes x clock
 // (AVX-512 on Zen 5: 2 x 16 x 2 x 3.5 GHz = 225 GFLOP/s).
@@ -25,6 +34,7 @@
 #include <unsupported/Eigen/CXX11/ThreadPool>
 
 #include <linen/detail/gemm/gemm.hpp>
+#include <linen/detail/gemm/product.hpp>
 #include <linen/detail/parallel.hpp>
 #if defined(LINEN_HAS_CBLAS)
 #include <linen/detail/gemm/cblas.hpp>
@@ -131,5 +141,71 @@ BENCHMARK(BM_gemm_eigen)->Apply(gemm_shapes);
 #if defined(LINEN_HAS_CBLAS)
 BENCHMARK(BM_gemm_cblas)->Apply(gemm_shapes);
 #endif
+
+// Kernels [K, N] enough to cycle through >= 128 MiB, x [M, K], y [M, N], bias [N].
+struct GemvProblem {
+  Index M, N, K, count;
+  std::vector<float> x, w, bias, y;
+  GemvProblem(Index m, Index n, Index k)
+      : M(m), N(n), K(k), count(std::max<Index>(2, (Index{128} << 20) / (k * n * Index(sizeof(float))))),
+        x(m * k), w(count * k * n), bias(n), y(m * n) {
+    std::mt19937 gen(1);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    for (auto* v : {&x, &bias}) for (float& e : *v) e = u(gen);
+    for (std::size_t i = 0; i < w.size(); ++i) w[i] = float(i % 13) * 0.0625f - 0.375f;
+  }
+  const float* kernel(Index c) const { return w.data() + c * K * N; }
+};
+
+void set_gemv_counters(benchmark::State& state, const GemvProblem& p) {
+  state.counters["GB/s"] = benchmark::Counter(double(p.K) * double(p.N) * sizeof(float) * 1e-9,
+                                              benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_gemv_linen(benchmark::State& state) {
+  GemvProblem p(state.range(0), state.range(1), state.range(2));
+  const auto pool = make_pool(state.range(3));
+  Index c = 0;
+  for (auto _ : state) {
+    linen::detail::gemm::multiply_rows<float>(p.M, p.N, p.K, p.x.data(), p.K, p.kernel(c), p.N, p.bias.data(),
+                                              p.y.data(), p.N, pool.get());
+    benchmark::DoNotOptimize(p.y.data());
+    benchmark::ClobberMemory();
+    c = (c + 1) % p.count;
+  }
+  set_gemv_counters(state, p);
+}
+
+void BM_gemv_eigen(benchmark::State& state) {
+  using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  GemvProblem p(state.range(0), state.range(1), state.range(2));
+  const Eigen::Map<const Mat> xm(p.x.data(), p.M, p.K);
+  const Eigen::Map<const Eigen::RowVectorXf> bias(p.bias.data(), p.N);
+  Eigen::Map<Mat> ym(p.y.data(), p.M, p.N);
+  Index c = 0;
+  for (auto _ : state) {
+    const Eigen::Map<const Mat> km(p.kernel(c), p.K, p.N);
+    for (Index r = 0; r < p.M; ++r) ym.row(r).noalias() = xm.row(r) * km;
+    ym.rowwise() += bias;
+    benchmark::DoNotOptimize(p.y.data());
+    benchmark::ClobberMemory();
+    c = (c + 1) % p.count;
+  }
+  set_gemv_counters(state, p);
+}
+
+// M, N, K, threads: one decode step's projections at E = 512 (q, k, v, out: N = K = 512)
+// and E = 2048, for one sequence and a batch of 4.
+void gemv_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"M", "N", "K", "threads"});
+  for (Index m : {1, 4}) {
+    b->Args({m, 512, 512, 1});
+    b->Args({m, 2048, 2048, 1});
+  }
+  b->Args({1, 2048, 2048, 2});
+  b->Unit(benchmark::kMicrosecond)->UseRealTime();
+}
+BENCHMARK(BM_gemv_linen)->Apply(gemv_shapes);
+BENCHMARK(BM_gemv_eigen)->Apply(gemv_shapes);
 
 }  // namespace

@@ -495,9 +495,12 @@ class MultiHeadDotProductAttention {
     const Index B = cache.cached_key.dimension(0), H = config_.num_heads, dh = cache.cached_key.dimension(3),
                 F = H * dh, rows = B * n;
     for (auto* buf : {&ws.q, &ws.k, &ws.v, &ws.x}) buf->resize(static_cast<std::size_t>(rows * F));
-    detail::decode::kept_rows<QKVDense>(ws.kept[0], params.query, config_.use_bias, inputs_q.data(), rows, ws.q.data(), ws.dense);
-    detail::decode::kept_rows<QKVDense>(ws.kept[1], params.key, config_.use_bias, inputs_q.data(), rows, ws.k.data(), ws.dense);
-    detail::decode::kept_rows<QKVDense>(ws.kept[2], params.value, config_.use_bias, inputs_q.data(), rows, ws.v.data(), ws.dense);
+    detail::decode::kept_rows<QKVDense>(ws.kept[0], params.query, config_.use_bias, inputs_q.data(), rows, ws.q.data(),
+                                        ws.dense, config_.thread_pool);
+    detail::decode::kept_rows<QKVDense>(ws.kept[1], params.key, config_.use_bias, inputs_q.data(), rows, ws.k.data(),
+                                        ws.dense, config_.thread_pool);
+    detail::decode::kept_rows<QKVDense>(ws.kept[2], params.value, config_.use_bias, inputs_q.data(), rows, ws.v.data(),
+                                        ws.dense, config_.thread_pool);
     if (config_.normalize_qk) {
       qk_norm_instance().apply_rows(params.query_ln, ws.q.data(), rows * H, dh, ws.q.data());
       qk_norm_instance().apply_rows(params.key_ln, ws.k.data(), rows * H, dh, ws.k.data());
@@ -513,7 +516,8 @@ class MultiHeadDotProductAttention {
     }
     detail::decode::write(cache, ws.k.data(), ws.v.data(), n);
     detail::decode::attend(cache, ws.q.data(), n, mask, ws.x.data(), config_.thread_pool, &ws.row, &ws.tiled);
-    detail::decode::kept_rows<OutDense>(ws.kept[3], params.out, config_.use_bias, ws.x.data(), rows, out.data(), ws.dense);
+    detail::decode::kept_rows<OutDense>(ws.kept[3], params.out, config_.use_bias, ws.x.data(), rows, out.data(), ws.dense,
+                                      config_.thread_pool);
   }
 
  public:
@@ -671,8 +675,8 @@ class MultiHeadDotProductAttention {
 
   // y[M, N] = x[M, K] . kernel (+ bias) for a DenseGeneral's params: rows spread over
   // config.thread_pool for float/double with matching types, else DenseGeneral's own code.
-  // Decode steps (by_row) take one vector product per row on the calling thread: the same
-  // arithmetic in apply and decode_step, and no allocation.
+  // Decode steps (by_row) take linen's GEMV (gemm::multiply_rows), its columns over the
+  // pool: the same arithmetic in apply and decode_step, and no allocation without a pool.
   template <class Dense, class I>
   void dense_rows(const typename Dense::Params& p, const I* x, Index M, T* y,
                   detail::DenseScratch<accum_t<T>>* scratch, bool by_row) const {
@@ -686,8 +690,7 @@ class MultiHeadDotProductAttention {
         return;
       }
     }
-    Dense::template apply_rows<I>(p, config_.use_bias, x, M, y, scratch, by_row,
-                                  by_row ? nullptr : config_.thread_pool);
+    Dense::template apply_rows<I>(p, config_.use_bias, x, M, y, scratch, by_row, config_.thread_pool);
   }
 
   // Projects x [batch..., len, features] (parameters checked) to [B, len, heads, head_dim].

@@ -32,6 +32,28 @@ template <class C>
 struct DenseScratch {
   std::vector<C> x, kernel, acc;
 };
+
+// The half types' product and rounding (Flax's promote_dtype, then the dot in C = float):
+// acc[m, out] = x[m, in] . kernel[in, out], both already promoted (cast to T, held in C),
+// by rows (by_row: gemm::multiply_rows, the decode step's GEMV) or with the GEMM; then
+// y = T(T(acc) + T(bias)) with the bias (ParamT, null without one) cast as Flax casts it,
+// else y = T(acc). DenseGeneral::apply_rows and the decode step's kept kernels
+// (decode/workspace.hpp) both end here.
+template <class T, class C, class B>
+void promoted_rows(const C* x, const C* kernel, Index m, Index in, Index out, const B* bias, C* acc, T* y,
+                   bool by_row, Eigen::ThreadPoolInterface* pool) {
+  if (by_row) gemm::multiply_rows<C>(m, out, in, x, in, kernel, out, nullptr, acc, out, pool);
+  else gemm::multiply<C>(m, out, in, x, in, kernel, out, nullptr, acc, out, pool);
+  const Index n = m * out;
+  if (bias) {
+    for (Index r = 0; r < m; ++r)
+      for (Index c = 0; c < out; ++c)
+        y[r * out + c] =
+            static_cast<T>(static_cast<C>(static_cast<T>(acc[r * out + c])) + static_cast<C>(static_cast<T>(bias[c])));
+  } else {
+    for (Index i = 0; i < n; ++i) y[i] = static_cast<T>(acc[i]);
+  }
+}
 }  // namespace detail
 
 // Parameters of one DenseGeneral, named as Flax names them.
@@ -131,9 +153,10 @@ class DenseGeneral {
   // into `scratch` (local when null) and multiply in float. `pool` (may be null) spreads
   // the product's row blocks over its threads; with linen's GEMM the bits do not depend on
   // it.
-  // by_row: one matrix-vector product per row on the calling thread (what a decode step
-  // does: Eigen's vector product allocates nothing, and packing the kernel for one row
-  // would cost more than the product).
+  // by_row: the few rows of a decode step, each as gemm::multiply_rows computes it
+  // (linen's GEMV, detail/gemm/gemv.hpp: the kernel streamed once, no packing and no
+  // allocation; the same bits as the GEMM gives the same row), the columns spread over
+  // `pool`. The decode step's kept kernels (decode/workspace.hpp) multiply the same way.
   template <class I>
   static void apply_rows(const Params& p, bool use_bias, const I* x, Index m, T* y,
                          detail::DenseScratch<accum_t<T>>* scratch = nullptr, bool by_row = false,
@@ -152,19 +175,11 @@ class DenseGeneral {
                             detail::DenseScratch<accum_t<T>>* scratch = nullptr, bool by_row = false,
                             Eigen::ThreadPoolInterface* pool = nullptr) {
     using C = accum_t<T>;
-    using RM = Eigen::Matrix<C, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-    const bool use_bias = bias != nullptr;
-    Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> ym(y, m, out);
     if constexpr (std::is_same_v<I, T> && std::is_same_v<ParamT, T> && std::is_same_v<C, T>) {
       // float/double with matching types: multiply in place, no copies.
       (void)scratch;
-      if (by_row) {
-        Eigen::Map<const RM> xm(x, m, in), km(kernel, in, out);
-        for (Index r = 0; r < m; ++r) ym.row(r).noalias() = xm.row(r) * km;
-        if (use_bias) ym.rowwise() += Eigen::Map<const Eigen::Matrix<C, 1, Eigen::Dynamic>>(bias, out);
-      } else {
-        detail::gemm::multiply<T>(m, out, in, x, in, kernel, out, bias, y, out, pool);
-      }
+      if (by_row) detail::gemm::multiply_rows<T>(m, out, in, x, in, kernel, out, bias, y, out, pool);
+      else detail::gemm::multiply<T>(m, out, in, x, in, kernel, out, bias, y, out, pool);
     } else {
       // Flax's promote_dtype: cast inputs and params to T, then compute.
       detail::DenseScratch<C> local;
@@ -172,22 +187,10 @@ class DenseGeneral {
       s.x.resize(static_cast<std::size_t>(m * in));
       s.kernel.resize(static_cast<std::size_t>(in * out));
       s.acc.resize(static_cast<std::size_t>(m * out));
-      Eigen::Map<RM> xm(s.x.data(), m, in), km(s.kernel.data(), in, out), acc(s.acc.data(), m, out);
-      for (Index i = 0; i < m * in; ++i) xm.data()[i] = static_cast<C>(static_cast<T>(x[i]));
-      for (Index i = 0; i < in * out; ++i) km.data()[i] = static_cast<C>(static_cast<T>(kernel[i]));
-      if (by_row) {
-        for (Index r = 0; r < m; ++r) acc.row(r).noalias() = xm.row(r) * km;
-      } else {
-        detail::gemm::multiply<C>(m, out, in, s.x.data(), in, s.kernel.data(), out, nullptr, s.acc.data(), out, pool);
-      }
-      if (use_bias) {
-        for (Index r = 0; r < m; ++r)
-          for (Index c = 0; c < out; ++c)
-            ym(r, c) = static_cast<T>(static_cast<C>(static_cast<T>(acc(r, c))) +
-                                      static_cast<C>(static_cast<T>(bias[c])));
-      } else {
-        ym = acc.template cast<T>();
-      }
+      for (Index i = 0; i < m * in; ++i) s.x[static_cast<std::size_t>(i)] = static_cast<C>(static_cast<T>(x[i]));
+      for (Index i = 0; i < in * out; ++i)
+        s.kernel[static_cast<std::size_t>(i)] = static_cast<C>(static_cast<T>(kernel[i]));
+      detail::promoted_rows<T>(s.x.data(), s.kernel.data(), m, in, out, bias, s.acc.data(), y, by_row, pool);
     }
   }
 

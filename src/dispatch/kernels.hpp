@@ -20,6 +20,7 @@
 #include "linen/detail/dispatch.hpp"
 #include "linen/detail/fused_attention.hpp"
 #include "linen/detail/gemm/gemm.hpp"
+#include "linen/detail/gemm/gemv.hpp"
 #include "linen/detail/simd.hpp"
 
 namespace linen {
@@ -55,6 +56,14 @@ struct Impl<dispatch::Gemm<T>> {
   static void run(Index M, Index K, const T* A, Index lda, const GemmOutput<T>* outs, int count,
                   Eigen::ThreadPoolInterface* pool) {
     gemm::gemm_outputs<T, simd::packet_t<T>>(M, K, A, lda, outs, count, pool);
+  }
+};
+
+template <class T>
+struct Impl<dispatch::Gemv<T>> {
+  static void run(Index M, Index N, Index K, const T* x, Index ldx, const T* W, Index ldw, const T* bias, T* y,
+                  Index ldy, Eigen::ThreadPoolInterface* pool) {
+    gemm::gemv<T, simd::packet_t<T>>(M, N, K, x, ldx, W, ldw, bias, y, ldy, pool);
   }
 };
 

@@ -65,6 +65,13 @@ struct Gemm {
                       Eigen::ThreadPoolInterface* pool);
 };
 
+// detail::gemm::gemv<T> (gemm/gemv.hpp), the decode step's projections: float, double.
+template <class T>
+struct Gemv {
+  using fn = void (*)(Index M, Index N, Index K, const T* x, Index ldx, const T* W, Index ldw, const T* bias, T* y,
+                      Index ldy, Eigen::ThreadPoolInterface* pool);
+};
+
 // The entries of each policy, and those tied to no policy. (jax.nn's numerics have no
 // backward yet: its entry is left out, so that no call can reach one.)
 template <class Policy>
@@ -77,7 +84,7 @@ struct EntriesOf<JaxNnLogits<T>> {
 };
 template <class Policy>
 using PolicyEntries = typename EntriesOf<Policy>::type;
-using OtherEntries = List<Gemm<float>, Gemm<double>>;
+using OtherEntries = List<Gemm<float>, Gemm<double>, Gemv<float>, Gemv<double>>;
 
 template <class... L>
 struct Concat;

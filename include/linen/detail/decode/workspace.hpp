@@ -16,8 +16,9 @@
 #include <vector>
 
 #include <Eigen/Core>
+#include <unsupported/Eigen/CXX11/ThreadPool>
 
-#include "../../dense.hpp"  // DenseScratch
+#include "../../dense.hpp"  // DenseScratch, promoted_rows
 #include "../../tensor.hpp"
 #include "../fused_attention.hpp"  // RowScratch
 #include "../mask_plan.hpp"
@@ -76,20 +77,20 @@ struct KeptKernel {
 };
 
 // y[m, out] = x[m, in] . kernel (+ bias) exactly as Dense::apply_rows(p, use_bias, x, m,
-// y, &s, /*by_row=*/true) computes it (the same promotion, the same Eigen vector product
-// per row, the same rounding of the result and the bias), with the kernel's promotion kept
-// in `kept` instead of redone on every step: for bfloat16 activations and float32 params
-// the promotion read and wrote twice the kernel's bytes per step, more than the product.
-// Types that need no promotion go to apply_rows itself.
+// y, &s, /*by_row=*/true, pool) computes it (the same promotion, the same product:
+// gemm::multiply_rows through detail::promoted_rows, the same rounding of the result and
+// the bias), with the kernel's promotion kept in `kept` instead of redone on every step:
+// for bfloat16 activations and float32 params the promotion read and wrote twice the
+// kernel's bytes per step, more than the product. Types that need no promotion go to
+// apply_rows itself.
 template <class Dense, class T, class I, class Params>
 void kept_rows(KeptKernel<accum_t<T>>& kept, const Params& p, bool use_bias, const I* x, Index m, T* y,
-               DenseScratch<accum_t<T>>& s) {
+               DenseScratch<accum_t<T>>& s, Eigen::ThreadPoolInterface* pool = nullptr) {
   using C = accum_t<T>;
   using ParamT = typename std::decay_t<decltype(p.kernel)>::Scalar;
   if constexpr (std::is_same_v<I, T> && std::is_same_v<ParamT, T> && std::is_same_v<C, T>) {
-    Dense::template apply_rows<I>(p, use_bias, x, m, y, &s, true);
+    Dense::template apply_rows<I>(p, use_bias, x, m, y, &s, true, pool);
   } else {
-    using RM = Eigen::Matrix<C, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     Index in = 1, out = 1;
     for (int i = 0; i < Dense::kAxes; ++i) in *= p.kernel.dimension(i);
     for (int i = Dense::kAxes; i < Dense::kAxes + Dense::kFeatures; ++i) out *= p.kernel.dimension(i);
@@ -105,18 +106,9 @@ void kept_rows(KeptKernel<accum_t<T>>& kept, const Params& p, bool use_bias, con
     }
     s.x.resize(static_cast<std::size_t>(m * in));
     s.acc.resize(static_cast<std::size_t>(m * out));
-    Eigen::Map<RM> xm(s.x.data(), m, in), km(kept.kernel.data(), in, out), acc(s.acc.data(), m, out);
-    Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> ym(y, m, out);
-    for (Index i = 0; i < m * in; ++i) xm.data()[i] = static_cast<C>(static_cast<T>(x[i]));
-    for (Index r = 0; r < m; ++r) acc.row(r).noalias() = xm.row(r) * km;
-    if (use_bias) {
-      for (Index r = 0; r < m; ++r)
-        for (Index c = 0; c < out; ++c)
-          ym(r, c) = static_cast<T>(static_cast<C>(static_cast<T>(acc(r, c))) +
-                                    static_cast<C>(static_cast<T>(p.bias.data()[c])));
-    } else {
-      ym = acc.template cast<T>();
-    }
+    for (Index i = 0; i < m * in; ++i) s.x[static_cast<std::size_t>(i)] = static_cast<C>(static_cast<T>(x[i]));
+    promoted_rows<T>(s.x.data(), kept.kernel.data(), m, in, out, use_bias ? p.bias.data() : nullptr, s.acc.data(), y,
+                     true, pool);
   }
 }
 

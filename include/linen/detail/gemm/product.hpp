@@ -6,6 +6,11 @@
 //       C[M, N] = A[M, K] B[K, N] (+ bias[N]; bias may be null), row-major
 //   multiply_outputs<T>(M, K, A, lda, outs, count, pool)
 //       the same for column groups sharing A (gemm.hpp's Output)
+//   multiply_rows<T>(M, N, K, A, lda, B, ldb, bias, C, ldc, pool)
+//       the same product for the few rows of a decode step (DenseGeneral's by_row): linen's
+//       GEMV (gemv.hpp) up to kGemvMaxRows rows, linen's GEMM past them, never CBLAS; the
+//       two give the same bits, so a row's result does not depend on how many rows came
+//       with it, nor on the pool
 // By default linen's own GEMM (gemm.hpp; the bits do not depend on the pool), with
 // linen::dispatch the active level's (detail/dispatch.hpp), else this translation unit's. A build
 // with LINEN_HAS_CBLAS (CMake option LINEN_USE_BLAS) calls cblas_sgemm / cblas_dgemm
@@ -26,6 +31,7 @@
 #include "../parallel.hpp"
 #include "../dispatch.hpp"
 #include "gemm.hpp"
+#include "gemv.hpp"
 #if defined(LINEN_HAS_CBLAS)
 #include "cblas.hpp"
 #endif
@@ -73,6 +79,29 @@ void multiply(Index M, Index N, Index K, const T* A, Index lda, const T* B, Inde
               Eigen::ThreadPoolInterface* pool = nullptr) {
   const Output<T> out{B, ldb, N, bias, C, ldc};
   multiply_outputs<T>(M, K, A, lda, &out, 1, pool);
+}
+
+// The most rows multiply_rows gives the GEMV (each group of kGemvGroupRows rows reads the
+// kernel once; the GEMM reads it, writes it packed and reads that back).
+inline constexpr Index kGemvMaxRows = 8;
+
+template <class T>
+void multiply_rows(Index M, Index N, Index K, const T* A, Index lda, const T* B, Index ldb, const T* bias, T* C,
+                   Index ldc, Eigen::ThreadPoolInterface* pool = nullptr) {
+  if (M > kGemvMaxRows) {
+    const Output<T> out{B, ldb, N, bias, C, ldc};
+#if defined(LINEN_DISPATCH)
+    dispatch::call<dispatch::Gemm<T>>(M, K, A, lda, &out, 1, pool);
+#else
+    gemm_outputs<T>(M, K, A, lda, &out, 1, pool);
+#endif
+    return;
+  }
+#if defined(LINEN_DISPATCH)
+  dispatch::call<dispatch::Gemv<T>>(M, N, K, A, lda, B, ldb, bias, C, ldc, pool);  // the active level's gemv
+#else
+  gemv<T>(M, N, K, A, lda, B, ldb, bias, C, ldc, pool);
+#endif
 }
 
 }  // namespace gemm
