@@ -18,6 +18,7 @@
 #include "module.hpp"
 #include "mask.hpp"
 #include "dot_product_attention.hpp"
+#include "jax_nn.hpp"
 #include "dense.hpp"
 #include "dense_layer.hpp"
 #include "layer_norm.hpp"

@@ -39,7 +39,7 @@
   LINEN_COMPILED_EXTERN Tensor<T, 3>                                                                         \
   MultiHeadDotProductAttention<T, P>::apply_impl<Tensor<T, 3>, Tensor<T, 3>, Tensor<T, 3>, detail::NoTape>(   \
       const AttentionParams<P>&, AttentionCache<T>*, const Tensor<T, 3>&, const Tensor<T, 3>&,               \
-      const Tensor<T, 3>&, const CallOptions<T>&, detail::NoTape*) const;                                    \
+      const Tensor<T, 3>&, const CallOptions<T>&, detail::NoTape*, bool) const;                                    \
   LINEN_COMPILED_EXTERN AttentionCache<T> MultiHeadDotProductAttention<T, P>::init_cache(                    \
       const AttentionParams<P>&, const Shape&, Index) const;                                                  \
   LINEN_COMPILED_ATTENTION_OUT(T, P, detail::compiled::TensorRef<T>)                                          \
@@ -51,7 +51,8 @@
       const Tensor<T, 4>&, const Tensor<T, 4>&, const Tensor<T, 4>&, const AttentionOptions<T>&) const;       \
   LINEN_COMPILED_EXTERN void detail::decode::attend<T>(const AttentionCache<T>&, const T*, Index,            \
                                                        const detail::FusedView<bool>&, T*,                   \
-                                                       Eigen::ThreadPoolInterface*, detail::RowScratch<accum_t<T>>*);
+                                                       Eigen::ThreadPoolInterface*, detail::RowScratch<accum_t<T>>*,             \
+                                                       detail::TiledScratch<accum_t<T>>*);
 
 #ifndef LINEN_COMPILED_INSTANTIATE
 namespace linen {

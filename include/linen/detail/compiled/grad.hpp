@@ -41,13 +41,15 @@
   LINEN_COMPILED_EXTERN void detail::layer_norm_backward<T, T, P>(const T*, Index, Index, double, bool,      \
                                                                   const P*, const T*, T*,                     \
                                                                   detail::norm_stat_t<T, T>*,                 \
-                                                                  detail::norm_stat_t<T, T>*);
+                                                                  detail::norm_stat_t<T, T>*,                 \
+                                                                  std::vector<detail::norm_stat_t<T, T>>*);
 
 // dense_backward<T, ParamT, I>: I = T (every pullback), and I = float (the attention
 // pullback's input cotangents, accumulated in float) for the half types.
 #define LINEN_COMPILED_GRAD_DENSE_BACKWARD(T, P, I)                                                           \
   LINEN_COMPILED_EXTERN void detail::dense_backward<T, P, I>(const T*, Index, Index, Index, const P*, const T*, \
-                                                             P*, P*, I*, Eigen::ThreadPoolInterface*, bool);
+                                                             P*, P*, I*, Eigen::ThreadPoolInterface*, bool,  \
+                                                             detail::DenseBackwardScratch<accum_t<T>>*);
 #define LINEN_COMPILED_GRAD_HALF(T, P) LINEN_COMPILED_GRAD_DENSE_BACKWARD(T, P, float)
 
 #ifndef LINEN_COMPILED_INSTANTIATE
