@@ -158,9 +158,13 @@ inline Tensor<bool, 4> cache_mask(const ArrayRef<bool>& user, Index B, Index n, 
 // q [B, n, H, head_dim] attends to the cache with the cache mask (positions j <= first + i,
 // first = index - n) and the caller's `mask`, into out [B, n, H, head_dim]. Positions past
 // the index are never read unless a row is masked everywhere else: then, as in Flax, it
-// averages all max_length slots. One or two rows take the row kernel, more the tiled
-// kernel (fused_attention.hpp), whose online softmax visits the keys in other blocks: a
-// chunk of n > 2 rows equals n single steps to rounding, not bit for bit.
+// averages all max_length slots. Up to kRowKernelMaxRows rows take the row kernel, more
+// the tiled kernel (fused_attention.hpp), whose online softmax visits the keys in other
+// blocks: a chunk of more rows equals n single steps to rounding, not bit for bit.
+// The most chunk rows the row kernel takes (it reads each cache position once for all of
+// them); more rows take the tiled kernel.
+inline constexpr Index kRowKernelMaxRows = 8;
+
 template <class T>
 void attend(const AttentionCache<T>& cache, const T* q, Index n, const FusedView<bool>& mask, T* out,
             Eigen::ThreadPoolInterface* pool, RowScratch<accum_t<T>>* scratch,
@@ -179,6 +183,9 @@ void attend(const AttentionCache<T>& cache, const T* q, Index n, const FusedView
   a.pool = pool;
   a.row_scratch = scratch;
   a.tiled_scratch = tiled;
+  // A few rows (a speculative verify) stream the cache once through the row kernel; a
+  // prefill's many rows take the tiled kernel.
+  if (n <= kRowKernelMaxRows) a.tuning.path = 2;
   fused_attention<T>(a);
 }
 
