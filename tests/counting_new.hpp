@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // The replaceable global allocation functions, counting every operator new call in
-// linen_test::g_news: for the allocation tests (test_decode_alloc, test_attention_workspace).
+// linen_test::g_news, and NoAllocation, the guard the allocation tests count with
+// (test_decode_alloc, test_attention_workspace, test_vjp_workspace, test_decode_chunks).
 // It defines the program's operator new, so include it from one source file of a test
 // binary only (each test binary is one source file). Not usable under TSan, whose runtime
 // defines them too.
@@ -42,5 +43,30 @@ void operator delete[](void* p) noexcept { std::free(p); }
 void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+
+namespace linen_test {
+// Counts operator new calls, and (eigen = true) forbids Eigen's allocator, while alive.
+// The forbidding needs EIGEN_RUNTIME_NO_MALLOC defined before Eigen is included.
+class NoAllocation {
+ public:
+  explicit NoAllocation(bool eigen = true) : start_(g_news.load()), eigen_(eigen) {
+#if defined(EIGEN_RUNTIME_NO_MALLOC)
+    if (eigen_) Eigen::internal::set_is_malloc_allowed(false);
+#endif
+  }
+  ~NoAllocation() {
+#if defined(EIGEN_RUNTIME_NO_MALLOC)
+    if (eigen_) Eigen::internal::set_is_malloc_allowed(true);
+#endif
+  }
+  NoAllocation(const NoAllocation&) = delete;
+  NoAllocation& operator=(const NoAllocation&) = delete;
+  long count() const { return g_news.load() - start_; }
+
+ private:
+  long start_;
+  bool eigen_;
+};
+}  // namespace linen_test
 
 #endif  // LINEN_TESTS_COUNTING_NEW_HPP

@@ -24,30 +24,11 @@
 
 namespace {
 
+using linen_test::NoAllocation;
+using linen_test::same_bits;
+
 using linen::Index;
 using linen::Tensor;
-
-// Counts operator new calls, and (eigen = true) forbids Eigen's allocator, while alive.
-class NoAllocation {
- public:
-  explicit NoAllocation(bool eigen = true) : start_(linen_test::g_news.load()), eigen_(eigen) {
-    if (eigen_) Eigen::internal::set_is_malloc_allowed(false);
-  }
-  ~NoAllocation() {
-    if (eigen_) Eigen::internal::set_is_malloc_allowed(true);
-  }
-  long count() const { return linen_test::g_news.load() - start_; }
-
- private:
-  long start_;
-  bool eigen_;
-};
-
-template <class T, int N>
-bool same_bits(const Tensor<T, N>& a, const Tensor<T, N>& b) {
-  return a.dimensions() == b.dimensions() &&
-         std::memcmp(a.data(), b.data(), sizeof(T) * static_cast<std::size_t>(a.size())) == 0;
-}
 
 template <class T, int N>
 void fill(Tensor<T, N>& t, unsigned seed) {

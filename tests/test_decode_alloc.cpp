@@ -16,20 +16,11 @@
 
 namespace {
 
+using linen_test::NoAllocation;
+
 using linen::Index;
 using linen::Shape;
 using linen::Tensor;
-
-// Counts operator new calls and forbids Eigen's allocator while alive.
-class NoAllocation {
- public:
-  NoAllocation() : start_(linen_test::g_news.load()) { Eigen::internal::set_is_malloc_allowed(false); }
-  ~NoAllocation() { Eigen::internal::set_is_malloc_allowed(true); }
-  long count() const { return linen_test::g_news.load() - start_; }
-
- private:
-  long start_;
-};
 
 template <class T, class P, class Module = linen::SelfAttention<T, P>>
 void expect_no_allocation_after_warm_up(Index E, Index H, bool normalize_qk, bool gathered_mask, Index L = 300,

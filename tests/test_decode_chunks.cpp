@@ -52,7 +52,7 @@ linen::AttentionConfig<T, P> decode_config(Index heads, bool normalize_qk = fals
 }
 
 template <class T>
-bool same_bytes(const linen::AttentionCache<T>& a, const linen::AttentionCache<T>& b) {
+bool same_bits(const linen::AttentionCache<T>& a, const linen::AttentionCache<T>& b) {
   return a.cache_index == b.cache_index && a.batch == b.batch &&
          linen::shape_of(a.cached_key) == linen::shape_of(b.cached_key) &&
          linen::shape_of(a.cached_value) == linen::shape_of(b.cached_value) &&
@@ -60,10 +60,7 @@ bool same_bytes(const linen::AttentionCache<T>& a, const linen::AttentionCache<T
          std::memcmp(a.cached_value.data(), b.cached_value.data(), sizeof(T) * a.cached_value.size()) == 0;
 }
 
-template <class T, int N>
-bool same_bytes(const Tensor<T, N>& a, const Tensor<T, N>& b) {
-  return linen::shape_of(a) == linen::shape_of(b) && std::memcmp(a.data(), b.data(), sizeof(T) * a.size()) == 0;
-}
+using linen_test::same_bits;
 
 // ---------------------------------------------------------------------------------------
 // A chunk against n single steps: chunks of 1, 2, 3, 5 and 1 positions (12) in lockstep
@@ -102,9 +99,9 @@ void expect_chunks_equal_single_steps(bool normalize_qk, bool masked) {
       want.slice(off, ext) = one;
     }
     attn.decode_chunk(vars.params, chunked, positions(x, start, n), out, w2, call);
-    ASSERT_TRUE(same_bytes(steps, chunked)) << "after the chunk at " << start << " of " << n;
+    ASSERT_TRUE(same_bits(steps, chunked)) << "after the chunk at " << start << " of " << n;
     if (n <= 2) {
-      EXPECT_TRUE(same_bytes(out, want)) << "chunk at " << start << " of " << n << ": row kernel";
+      EXPECT_TRUE(same_bits(out, want)) << "chunk at " << start << " of " << n << ": row kernel";
     }
     EXPECT_LE(rel_err(out, want), linen_test::tolerance<T>()) << "chunk at " << start << " of " << n;
     start += n;
@@ -160,7 +157,7 @@ void expect_prefill_equals_causal_forward() {
     Tensor<T, 3> a(B, 16, E), b(B, L - 16, E);
     attn.decode_chunk(vars.params, split, positions(x, 0, 16), a, ws);
     attn.decode_chunk(vars.params, split, positions(x, 16, L - 16), b, ws);
-    EXPECT_TRUE(same_bytes(split, cache));
+    EXPECT_TRUE(same_bits(split, cache));
     EXPECT_LE(rel_err(b, Tensor<T, 3>(positions(want, 16, L - 16))), linen_test::tolerance<T>()) << max_length;
     EXPECT_LE(rel_err(a, Tensor<T, 3>(positions(want, 0, 16))), linen_test::tolerance<T>()) << max_length;
   }
@@ -198,7 +195,7 @@ TEST(DecodeChunk, GeneralPathAgreesWithTheDirectOne) {
     direct.decode_chunk(vars.params, c1, positions(x, start, n), o1, w1, call);
     general.decode_chunk(vars.params, c2, positions(x, start, n), o2, w2, call);
     EXPECT_LE(rel_err(o1, o2), 2e-6) << start;
-    EXPECT_TRUE(same_bytes(c1, c2)) << start;
+    EXPECT_TRUE(same_bits(c1, c2)) << start;
   }
 }
 
@@ -219,7 +216,7 @@ TEST(DecodeChunk, ErrorsNameTheFaultAndLeaveTheCacheUnchanged) {
   Tensor<float, 4> out4(B0, B1, 4, E);
   attn.decode_chunk(vars.params, cache, positions(x, 0, 4), out4, ws);
   const auto before = cache;
-  const auto unchanged = [&] { return same_bytes(cache, before); };
+  const auto unchanged = [&] { return same_bits(cache, before); };
   Tensor<float, 4> out3(B0, B1, 3, E);
   // 3 positions do not fit in the 2 left: direct and general paths
   for (const auto* m : {&attn, &general}) {
@@ -306,18 +303,18 @@ void expect_rollback_equals_never_seeing_the_rejected() {
       Tensor<T, 3> acc(B, accepted, E);
       attn.decode_chunk(vars.params, ref, positions(x, prompt, accepted), acc, ws);
     }
-    ASSERT_TRUE(same_bytes(spec, ref)) << "accepted " << accepted;
+    ASSERT_TRUE(same_bits(spec, ref)) << "accepted " << accepted;
     attn.decode_step(vars.params, spec, positions(x, prompt + accepted, 1), one, ws);
     attn.decode_step(vars.params, ref, positions(x, prompt + accepted, 1), one_ref, ws);
-    EXPECT_TRUE(same_bytes(one, one_ref)) << "accepted " << accepted;
-    EXPECT_TRUE(same_bytes(spec, ref)) << "accepted " << accepted;
+    EXPECT_TRUE(same_bits(one, one_ref)) << "accepted " << accepted;
+    EXPECT_TRUE(same_bits(spec, ref)) << "accepted " << accepted;
   }
   // the slots past the index are zeros: byte for byte a fresh cache after rollback to 0
   auto c = attn.init_cache(vars.params, {B}, L);
   const auto fresh = c;
   attn.decode_chunk(vars.params, c, positions(x, 0, prompt), p, ws);
   linen::rollback(c, 0);
-  EXPECT_TRUE(same_bytes(c, fresh));
+  EXPECT_TRUE(same_bits(c, fresh));
 }
 
 TEST(Rollback, EqualsNeverSeeingTheRejectedFloat) { expect_rollback_equals_never_seeing_the_rejected<float, float>(); }
@@ -343,10 +340,10 @@ TEST(Rollback, RejectsAnIndexOutsideTheCacheUnchanged) {
       EXPECT_NE(std::string(e.what()).find("cache_index " + std::to_string(bad)), std::string::npos) << e.what();
       EXPECT_NE(std::string(e.what()).find("[0, 3]"), std::string::npos) << e.what();
     }
-    EXPECT_TRUE(same_bytes(cache, before));
+    EXPECT_TRUE(same_bits(cache, before));
   }
   linen::rollback(cache, 3);  // to where it is: nothing changes
-  EXPECT_TRUE(same_bytes(cache, before));
+  EXPECT_TRUE(same_bits(cache, before));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -418,20 +415,20 @@ TEST(DecodeChunkFlax, PrefillSaveLoadContinue) {
   auto loaded = linen::io::load_attention(linen::io::load_safetensors(file), cfg);
   std::remove(file.c_str());
   ASSERT_TRUE(loaded.cache.has_value());
-  EXPECT_TRUE(same_bytes(*loaded.cache, *vars.cache));
+  EXPECT_TRUE(same_bits(*loaded.cache, *vars.cache));
   // continue both: a chunk of 4 drafts, one accepted, then single steps
   Tensor<float, 4> a(B0, B1, 4, E), b(B0, B1, 4, E), s1(B0, B1, 1, E), s2(B0, B1, 1, E);
   attn.decode_chunk(vars.params, *vars.cache, positions(x, prompt, 4), a, ws);
   attn.decode_chunk(loaded.params, *loaded.cache, positions(x, prompt, 4), b, ws);
-  EXPECT_TRUE(same_bytes(a, b));
+  EXPECT_TRUE(same_bits(a, b));
   linen::rollback(*vars.cache, prompt + 1);
   linen::rollback(*loaded.cache, prompt + 1);
   for (Index i = prompt + 1; i < L; ++i) {
     attn.decode_step(vars.params, *vars.cache, positions(x, i, 1), s1, ws);
     attn.decode_step(loaded.params, *loaded.cache, positions(x, i, 1), s2, ws);
-    ASSERT_TRUE(same_bytes(s1, s2)) << i;
+    ASSERT_TRUE(same_bits(s1, s2)) << i;
   }
-  EXPECT_TRUE(same_bytes(*loaded.cache, *vars.cache));
+  EXPECT_TRUE(same_bits(*loaded.cache, *vars.cache));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -453,11 +450,9 @@ TEST(DecodeChunk, AWarmWorkspaceAllocatesNothing) {
   linen::rollback(cache, 0);
   long news[4] = {};  // prefill, verify, rollback, step
   const auto counted = [&news](int which, auto&& f) {
-    const long start = linen_test::g_news.load();
-    Eigen::internal::set_is_malloc_allowed(false);
+    const linen_test::NoAllocation guard;
     f();
-    Eigen::internal::set_is_malloc_allowed(true);
-    news[which] += linen_test::g_news.load() - start;
+    news[which] += guard.count();
   };
   counted(0, [&] { attn.decode_chunk(vars.params, cache, prompt, pre, ws); });
   for (int round = 0; round < 10; ++round) {

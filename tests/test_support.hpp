@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
+#include <cstring>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -71,6 +73,13 @@ std::string io_error_message(F&& load) {
   }
   ADD_FAILURE() << "expected linen::io_error, the image parsed";
   return {};
+}
+
+// Whether a and b have the same shape and bytes (an empty tensor may hold no storage).
+template <class T, int N>
+bool same_bits(const linen::Tensor<T, N>& a, const linen::Tensor<T, N>& b) {
+  return a.dimensions() == b.dimensions() &&
+         (a.size() == 0 || std::memcmp(a.data(), b.data(), sizeof(T) * static_cast<std::size_t>(a.size())) == 0);
 }
 
 }  // namespace linen_test

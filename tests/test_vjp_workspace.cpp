@@ -24,26 +24,11 @@
 
 namespace {
 
+using linen_test::NoAllocation;
+using linen_test::same_bits;
+
 using linen::Index;
 using linen::Tensor;
-
-// Counts operator new calls and forbids Eigen's allocator while alive.
-class NoAllocation {
- public:
-  NoAllocation() : start_(linen_test::g_news.load()) { Eigen::internal::set_is_malloc_allowed(false); }
-  ~NoAllocation() { Eigen::internal::set_is_malloc_allowed(true); }
-  long count() const { return linen_test::g_news.load() - start_; }
-
- private:
-  long start_;
-};
-
-template <class T, int N>
-bool same_bits(const Tensor<T, N>& a, const Tensor<T, N>& b) {
-  // an empty tensor (a parameter the module does not have) may hold no storage at all
-  return a.dimensions() == b.dimensions() &&
-         (a.size() == 0 || std::memcmp(a.data(), b.data(), sizeof(T) * static_cast<std::size_t>(a.size())) == 0);
-}
 
 template <class P, class I, int N>
 bool same_grads(const linen::AttentionGrads<P, I, N>& a, const linen::AttentionGrads<P, I, N>& b) {
