@@ -139,8 +139,11 @@ struct AttentionProblem {
   // Half types: the reference and the backward keep the softmax weights in float
   // (force_fp32_for_softmax) instead of rounding them to T; the fused forward always does.
   bool fp32_softmax = false;
-  bool causal = false;       // key j is visible to query i only if j <= i + causal_offset
+  bool causal = false;       // key j is visible to query i only if j <= i + causal_offset_of(b)
   Index causal_offset = 0;
+  // Per-sequence offsets, [B] (null: causal_offset for every b): sequences at their own
+  // positions (a ragged decode step: row i of sequence b is position causal_offsets[b] + i).
+  const std::int32_t* causal_offsets = nullptr;
   // false: keys past the diagonal are masked keys as Flax's causal mask makes them (their
   // zero weights still meet their values, so an inf or NaN value there makes the row
   // NaN); true: they are not part of the problem and are never read (a decode step's
@@ -187,10 +190,11 @@ struct AttentionProblem {
   accum_t<T>* out_acc = nullptr;
 
   // --- the index rules, stated once for every kernel ---
-  bool has_index_rules() const { return kv_group != 1 || windowed || q_len || kv_len; }
+  bool has_index_rules() const { return kv_group != 1 || windowed || q_len || kv_len || causal_offsets; }
   // The causal flag, the window or the key lengths cut rows' keys (a band per row).
   bool banded() const { return causal || windowed || kv_len; }
   Index kv_head(Index h) const { return h / kv_group; }
+  Index causal_offset_of(Index b) const { return causal_offsets ? Index{causal_offsets[b]} : causal_offset; }
   const T* key_row(Index b, Index j, Index h) const { return key + b * k_sb + j * k_sl + kv_head(h) * k_sh; }
   const T* value_row(Index b, Index j, Index h) const { return value + b * v_sb + j * v_sl + kv_head(h) * v_sh; }
   // Query rows of batch b that are computed (the others: q_len).
@@ -202,7 +206,7 @@ struct AttentionProblem {
   Index band_begin(Index i) const { return windowed ? std::max<Index>(0, i - window_left) : 0; }
   Index band_end(Index b, Index i) const {
     Index e = kv_keys(b);
-    if (causal) e = std::min(e, std::max<Index>(0, i + causal_offset + 1));
+    if (causal) e = std::min(e, std::max<Index>(0, i + causal_offset_of(b) + 1));
     if (windowed) e = std::min(e, std::max<Index>(0, i + window_right + 1));
     return e;
   }

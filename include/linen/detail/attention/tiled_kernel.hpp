@@ -482,7 +482,7 @@ class Kernel {
             const Index jj = j0 + j, rb = r0 + v * W;
             Index first = 0, last = W - 1;
             if (jj >= a_.kv_keys(b)) first = W;
-            if (a_.causal) first = std::max(first, jj - a_.causal_offset - rb);
+            if (a_.causal) first = std::max(first, jj - a_.causal_offset_of(b) - rb);
             if (a_.windowed) {
               first = std::max(first, jj - a_.window_right - rb);
               last = std::min(last, jj + a_.window_left - rb);

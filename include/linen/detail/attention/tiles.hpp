@@ -160,7 +160,7 @@ TileUse classify_tile(const AttentionProblem<T>& a, Index b, Index h, Index r0, 
   u.begin = j0;
   u.end = j1;
   Index visible_end = j1;  // the block's rows see no key past it (the causal flag)
-  if (a.causal) visible_end = std::max(j0, std::min(j1, r1 + a.causal_offset));  // past the last row's diagonal
+  if (a.causal) visible_end = std::max(j0, std::min(j1, r1 + a.causal_offset_of(b)));  // past the last row's diagonal
   if (a.banded()) {
     // the rows' bands: row r sees [band_begin(r), band_end(b, r)), both non-decreasing
     u.begin = std::min(j1, std::max(j0, a.band_begin(r0)));
