@@ -440,9 +440,14 @@ class MultiHeadDotProductAttention {
   }
 
  private:
-  // decode_step (chunk false: Flax's one position) and decode_chunk (any n >= 1).
-  template <class XQ, class Out>
-  void step_into(const Params& params, Cache& cache, const XQ& inputs_q, Out& out, DecodeWorkspace<T>& workspace,
+  // decode_step (chunk false: Flax's one position) and decode_chunk (any n >= 1) on any
+  // cache layout: `cache` is the step's target (an AttentionCache, or a layout's step
+  // view), whose operations (put_signature, check_cache, key_length, step_batch,
+  // check_room, write, attend, clear_padding) are found by overload in detail/decode/
+  // (listed at the top of detail/decode/cache_ops.hpp). Only an AttentionCache has the fallback through
+  // apply (a custom attention_fn, dropout, sow_weights); other layouts throw there.
+  template <class C, class XQ, class Out>
+  void step_into(const Params& params, C& cache, const XQ& inputs_q, Out& out, DecodeWorkspace<T>& workspace,
                  const CallOptions<T>& call, bool chunk) const {
     using O = std::remove_cv_t<std::remove_reference_t<Out>>;
     check_inputs<XQ, XQ, XQ>();
@@ -457,11 +462,17 @@ class MultiHeadDotProductAttention {
     const bool deterministic = resolve_deterministic(call);
     if (chunk && inputs_q.dimension(N - 2) < 1) detail::decode::throw_empty_chunk(shape_of(inputs_q), name());
     if (!direct_decode(deterministic, call)) {
-      check_out_shape(out, decode_out_shape(shape_of(inputs_q), chunk));
-      const Tensor<T, N> y = apply_impl(params, &cache, inputs_q, inputs_q, inputs_q, call,
-                                              static_cast<detail::NoTape*>(nullptr), chunk);
-      std::copy(y.data(), y.data() + y.size(), out.data());
-      return;
+      if constexpr (std::is_same_v<C, Cache>) {
+        check_out_shape(out, decode_out_shape(shape_of(inputs_q), chunk));
+        const Tensor<T, N> y = apply_impl(params, &cache, inputs_q, inputs_q, inputs_q, call,
+                                          static_cast<detail::NoTape*>(nullptr), chunk);
+        std::copy(y.data(), y.data() + y.size(), out.data());
+        return;
+      } else {
+        throw linen::invalid_argument(name() +
+                                      ": a step on this cache layout needs linen's own attention (the default "
+                                      "attention_fn), no dropout (deterministic or dropout_rate 0) and no sow_weights");
+      }
     }
     // The shapes of this step, looked up among those already validated (no allocation
     // once the vector has grown).
@@ -470,9 +481,7 @@ class MultiHeadDotProductAttention {
     put_module_signature(now, params);
     put_dims(now, inputs_q);
     put_dims(now, out);
-    now.push_back(static_cast<Index>(cache.batch.size()));
-    now.insert(now.end(), cache.batch.begin(), cache.batch.end());
-    for (const auto* t : {&cache.cached_key, &cache.cached_value}) put_dims(now, *t);
+    detail::decode::put_signature(now, cache);
     put_mask_signature(now, call.mask);
     now.push_back(Index{chunk});  // decode_step keeps Flax's length check
     const detail::decode::Validated* valid = ws.find();
@@ -486,13 +495,14 @@ class MultiHeadDotProductAttention {
       detail::check_attention_params(params, s, qs, qs, qs, name());
       check_out_shape(out, decode_out_shape(qs, chunk));
       detail::MaskPlan plan;
-      if (call.mask) plan = detail::mask_plan(call.mask, batch, config_.num_heads, lq, cache.max_length(), name());
+      if (call.mask)
+        plan = detail::mask_plan(call.mask, batch, config_.num_heads, lq, detail::decode::key_length(cache), name());
       valid = &ws.remember(std::move(plan), num_elements(batch));
     }
     const Index n = inputs_q.dimension(N - 2);  // 1 for decode_step (checked)
     detail::decode::check_room(cache, n, name_);
 
-    const Index B = cache.cached_key.dimension(0), H = config_.num_heads, dh = cache.cached_key.dimension(3),
+    const Index B = detail::decode::step_batch(cache), H = config_.num_heads, dh = params.query.kernel.dimension(2),
                 F = H * dh, rows = B * n;
     for (auto* buf : {&ws.q, &ws.k, &ws.v, &ws.x}) buf->resize(static_cast<std::size_t>(rows * F));
     detail::decode::kept_rows<QKVDense>(ws.kept[0], params.query, config_.use_bias, inputs_q.data(), rows, ws.q.data(),
@@ -518,6 +528,7 @@ class MultiHeadDotProductAttention {
     detail::decode::attend(cache, ws.q.data(), n, mask, ws.x.data(), config_.thread_pool, &ws.row, &ws.tiled);
     detail::decode::kept_rows<OutDense>(ws.kept[3], params.out, config_.use_bias, ws.x.data(), rows, out.data(), ws.dense,
                                       config_.thread_pool);
+    detail::decode::clear_padding(cache, out.data(), n, out.size() / std::max<Index>(1, rows));
   }
 
  public:

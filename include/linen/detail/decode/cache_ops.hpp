@@ -15,6 +15,29 @@
 // hold zeros, as init_cache makes them: steps only write at the index and rollback zeroes
 // what it drops (linen::rollback, decode.hpp), so a rolled-back cache is byte for byte one that never took the step.
 // (Per-sequence positions extend these, not the module.)
+//
+// Cache layouts. A module's decode step (MultiHeadDotProductAttention::step_into) is one
+// template over the step's target C: an AttentionCache<T>, or a layout's step view (e.g.
+// BatchStep<T>, batch_ops.hpp: a BatchCache with the step's slots and counts). It
+// projects q, k, v ([step_batch(c) * n] rows), then calls, found by overload (ADL in
+// linen::detail::decode), one file per layout:
+//   void  put_signature(std::vector<Index>& now, const C&)   the shapes the workspace
+//         remembers validated (first entry: >= 0 for AttentionCache, a negative tag else);
+//   void  check_cache(const C&, const Shape& batch, Index lq, Index heads, Index head_dim,
+//                     const std::string& name, bool any_length)   once per signature;
+//   Index key_length(const C&)     the mask's last dim (max_length);
+//   Index step_batch(const C&)     sequences in the step (inputs_q is [batch..., n, F]);
+//   void  check_room(const C&, Index n, const char* name)   every step, before anything
+//         is written: linen::cache_overflow / invalid_argument, the cache unchanged;
+//   void  write(C&, const T* k, const T* v, Index n)   k, v: [step_batch, n, H * head_dim];
+//   void  attend(const C&, const T* q, Index n, const FusedView<bool>& mask, T* out,
+//                Eigen::ThreadPoolInterface*, RowScratch<accum_t<T>>*, TiledScratch<accum_t<T>>*)
+//         q, out: [step_batch, n, H, head_dim]; mask: the caller's, over the step's batch;
+//   void  clear_padding(const C&, T* out, Index n, Index out_features)   after the out
+//         projection: zero the output rows that are no position (a ragged step's padding).
+// Nothing after write throws (but bad_alloc), so the direct step needs no undo; SlotUndo
+// serves AttentionCache's fallback through apply (attention_fn, dropout, sow_weights),
+// which other layouts refuse (linen::invalid_argument).
 #ifndef LINEN_DETAIL_DECODE_CACHE_OPS_HPP
 #define LINEN_DETAIL_DECODE_CACHE_OPS_HPP
 
@@ -35,6 +58,37 @@
 namespace linen {
 namespace detail {
 namespace decode {
+
+// --- The layout operations of an AttentionCache (Flax's layout: one cache_index for the
+// batch). A module's step (step_into) finds them by overload on the step's target; see
+// the list at the top of this file. ---
+
+// The cache's part of a step's signature (the shapes the workspace remembers validated):
+// the batch rank and dims, then cached_key's and cached_value's dims. (A first entry >= 0;
+// other layouts start theirs with a negative tag.)
+template <class T>
+void put_signature(std::vector<Index>& now, const AttentionCache<T>& cache) {
+  now.push_back(static_cast<Index>(cache.batch.size()));
+  now.insert(now.end(), cache.batch.begin(), cache.batch.end());
+  for (const auto* t : {&cache.cached_key, &cache.cached_value})
+    for (int i = 0; i < 4; ++i) now.push_back(t->dimension(i));
+}
+
+// The key axis a step's mask spans (its last dim: max_length).
+template <class T>
+Index key_length(const AttentionCache<T>& cache) {
+  return cache.max_length();
+}
+
+// The sequences of a step (its projections have step_batch * n rows).
+template <class T>
+Index step_batch(const AttentionCache<T>& cache) {
+  return cache.cached_key.dimension(0);
+}
+
+// Output rows of a step that are padding (none in this layout: every row is a position).
+template <class T>
+void clear_padding(const AttentionCache<T>&, T*, Index /*n*/, Index /*out_features*/) {}
 
 // Throws linen::invalid_argument unless `cache` serves a step whose projected query is
 // [batch..., lq, heads, head_dim]: Flax's check (the cache's [batch..., 1, heads,
