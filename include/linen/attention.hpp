@@ -23,10 +23,12 @@
 #include <unsupported/Eigen/CXX11/ThreadPool>
 
 #include "attention_workspace.hpp"
+#include "batch_cache.hpp"
 #include "config.hpp"
 #include "decode.hpp"
 #include "dense.hpp"
 #include "detail/attention_tape.hpp"
+#include "detail/decode/batch_ops.hpp"
 #include "detail/decode/cache_ops.hpp"
 #include "detail/fused_attention.hpp"
 #include "detail/fused_projection.hpp"
@@ -439,7 +441,68 @@ class MultiHeadDotProductAttention {
     step_into(params, cache, inputs_q, out, workspace, call, true);
   }
 
+  // Steps on a BatchCache (per-sequence positions, batch_cache.hpp; beyond Flax).
+  // decode_step: every active slot (cache.active_slots(), ascending) advances by one
+  // position: inputs_q [active sequences, 1, features] in that order -> out
+  // [active, 1, out_features]. Each sequence's row attends to its own positions
+  // [0, its cache_index], exactly as decode_step on a Flax cache holding that sequence
+  // alone. Validation, the workspace, the allocation rules are decode_step's; needs the
+  // default attention_fn, no dropout and no sow_weights (linen::invalid_argument else).
+  template <class XQ, class Out>
+  void decode_step(const Params& params, BatchCache<T>& cache, const XQ& inputs_q, Out&& out,
+                   DecodeWorkspace<T>& workspace, const CallOptions<T>& call = {}) const {
+    const std::vector<std::int32_t>& act = cache.active_slots();
+    detail::decode::BatchStep<T> st{&cache, act.data(), nullptr, static_cast<Index>(act.size())};
+    batch_step(st, params, inputs_q, out, workspace, call, false, nullptr);
+  }
+  // A ragged multi-token step: sequence i of the step is slot slots[i] (each holding a
+  // sequence, each once, any order) and takes its first counts[i] rows of inputs_q
+  // [slots.size(), n, features] (0 <= counts[i] <= n; counts empty: n each) at its own
+  // cache_index, attending causally to its own positions (row r sees [0, index_i + r]);
+  // its index advances by counts[i]. Rows past counts[i] are padding: not written to the
+  // cache, their out rows [slots.size(), n, out_features] are zeros. Other slots are not
+  // touched. call.mask: [slots.size(), num_heads|1, n|1, max_length|1]. A sequence's rows
+  // equal decode_chunk of its counts[i] rows on a Flax cache holding it alone, bit for bit
+  // where both take the row kernel (n <= 8), to rounding else. Errors leave every sequence
+  // unchanged: a sequence that does not fit throws linen::cache_overflow, a bad slot or
+  // count linen::invalid_argument naming it. Undo per sequence: rollback(cache, slot, i).
+  template <class XQ, class Out>
+  void decode_chunk(const Params& params, BatchCache<T>& cache, const std::vector<std::int32_t>& slots,
+                    const std::vector<std::int32_t>& counts, const XQ& inputs_q, Out&& out,
+                    DecodeWorkspace<T>& workspace, const CallOptions<T>& call = {}) const {
+    detail::decode::BatchStep<T> st{&cache, slots.data(), counts.empty() ? nullptr : counts.data(),
+                                    static_cast<Index>(slots.size())};
+    batch_step(st, params, inputs_q, out, workspace, call, true, &counts);
+  }
+
+  // A zero BatchCache of `slots` free slots of up to `max_length` positions, sized from
+  // the parameters (heads and head_dim of key/kernel).
+  BatchCache<T> init_batch_cache(const Params& params, Index slots, Index max_length) const {
+    const Shape ks = shape_of(params.key.kernel);
+    if (ks[1] != config_.num_heads)
+      throw linen::invalid_argument(name() + ": key/kernel has shape " + to_string(ks) + ", num_heads is " +
+                                    std::to_string(config_.num_heads));
+    return BatchCache<T>(slots, max_length, ks[1], ks[2]);
+  }
+
  private:
+  template <class XQ, class Out>
+  void batch_step(detail::decode::BatchStep<T>& st, const Params& params, const XQ& inputs_q, Out& out,
+                  DecodeWorkspace<T>& workspace, const CallOptions<T>& call, bool chunk,
+                  const std::vector<std::int32_t>* counts) const {
+    static_assert(detail::tensor_traits<XQ>::rank == 3,
+                  "linen: a BatchCache step takes inputs_q [sequences, n, features] (rank 3)");
+    if (counts && !counts->empty() && counts->size() != static_cast<std::size_t>(st.size))
+      throw linen::invalid_argument(name() + ": decode_chunk on a BatchCache: " + std::to_string(counts->size()) +
+                                    " counts for " + std::to_string(st.size) + " slots");
+    if (inputs_q.dimension(0) != st.size)
+      throw linen::invalid_argument(name() + ": a BatchCache step of " + std::to_string(st.size) +
+                                    (chunk ? " slots" : " active sequences") + " got inputs_q of shape " +
+                                    to_string(shape_of(inputs_q)) + " (its first dim must be " +
+                                    std::to_string(st.size) + "); the cache is unchanged");
+    step_into(params, st, inputs_q, out, workspace, call, chunk);
+  }
+
   // decode_step (chunk false: Flax's one position) and decode_chunk (any n >= 1) on any
   // cache layout: `cache` is the step's target (an AttentionCache, or a layout's step
   // view), whose operations (put_signature, check_cache, key_length, step_batch,
@@ -1200,6 +1263,7 @@ class SelfAttention : private MultiHeadDotProductAttention<T, ParamT> {
   explicit SelfAttention(Config config) : Base(std::move(config), "SelfAttention") {}
   using Base::config;
   using Base::init_cache;
+  using Base::init_batch_cache;  // a BatchCache (per-sequence positions): see MultiHeadDotProductAttention
   using Base::head_dim;
   using Base::out_features;
   using Base::param_shapes;
@@ -1242,7 +1306,8 @@ class SelfAttention : private MultiHeadDotProductAttention<T, ParamT> {
   // decode_step(params, cache, inputs_q, out, workspace[, call]): see
   // MultiHeadDotProductAttention::decode_step.
   using Base::decode_step;
-  // decode_chunk(params, cache, inputs_q, out, workspace[, call]): n positions in one step;
+  // decode_chunk(params, cache, inputs_q, out, workspace[, call]): n positions in one step
+  // (and decode_chunk(params, batch_cache, slots, counts, inputs_q, out, workspace[, call]));
   // see MultiHeadDotProductAttention::decode_chunk.
   using Base::decode_chunk;
   // The module as a MultiHeadDotProductAttention (e.g. to pass where one is expected).
