@@ -22,13 +22,7 @@ using linen::Shape;
 using linen::Tensor;
 using linen_test::rel_err;
 
-template <class T, int N>
-Tensor<T, N> random_tensor(const Shape& s, std::mt19937& g) {
-  Tensor<T, N> t(linen::to_dims<N>(s));
-  std::normal_distribution<float> d(0.0f, 1.0f);
-  for (Index i = 0; i < t.size(); ++i) t.data()[i] = static_cast<T>(d(g));
-  return t;
-}
+using linen_test::random_tensor;
 
 template <class T, class P = T>
 linen::AttentionConfig<T, P> decode_config(Index heads, bool normalize_qk = false) {

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
+#include <random>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -51,6 +52,16 @@ constexpr double tolerance() {
   else if constexpr (std::is_same_v<T, float>) return 2e-6;
   else if constexpr (std::is_same_v<T, Eigen::half>) return 5e-3;
   else return 2e-2;
+}
+
+// A tensor of shape s with elements drawn from N(0, 1) in float by g, cast to T (the
+// decode tests' inputs).
+template <class T, int N>
+linen::Tensor<T, N> random_tensor(const linen::Shape& s, std::mt19937& g) {
+  linen::Tensor<T, N> t(linen::to_dims<N>(s));
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  for (linen::Index i = 0; i < t.size(); ++i) t.data()[i] = static_cast<T>(d(g));
+  return t;
 }
 
 // Casts every element (Eigen's cast, keeping rank and layout).
