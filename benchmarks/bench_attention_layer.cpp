@@ -26,6 +26,9 @@
 //       in one decode_chunk (chunk:1), against the module without decode over the same n
 //       tokens with is_causal (chunk:0, apply_into with an AttentionWorkspace); GFLOP/s
 //       counts the same dense flops for both (issue 16: prefill >= 0.9x the forward).
+//   BM_self_attention_batched_decode/B/L/E/H  one decode_step on a BatchCache of B
+//       sequences of ragged lengths (2048..4095 positions) at E=512: bytes of cache and
+//       weights read per step / time (issue 16: at least 0.8x BM_memory_read_bandwidth).
 //   BM_self_attention_verify/L/E/H/k  a k-position decode_chunk at the end of an
 //       L-position cache (speculative verification of k drafts; k:1 is one step), cycling
 //       through >= 128 MiB of caches like the decode_step rows: compare k:4's time with
@@ -215,6 +218,66 @@ BENCHMARK(BM_self_attention_decode_step)
     ->Args({4096, 512, 8, 16})
     ->Args({256, 512, 8, 32})
     ->Args({256, 2048, 16, 32})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+
+// Batched decode on a BatchCache (per-sequence positions): B sequences of ragged lengths
+// (sequence i holds 4096 - 1 - i * 2048 / B positions, so the batch spans 2048..4095), one
+// decode_step advancing every sequence by one token, then each rolled back by that token
+// (linen::rollback: zeroes one position per sequence) so every iteration does the same
+// work; caches cycled so that >= 128 MiB are read from DRAM. GB/s counts the bytes a step
+// must read: every sequence's keys and values up to its position, and the four float32
+// projection kernels (4 * E * E * 4 bytes, read once for the batch). Compare with the same
+// run's BM_memory_read_bandwidth (issue 16: at least 0.8x).
+void BM_self_attention_batched_decode(benchmark::State& state) {
+  const Index b = state.range(0), l = state.range(1), e = state.range(2), h = state.range(3);
+  linen::AttentionConfig<float> config;
+  config.num_heads = h;
+  config.decode = true;
+  const linen::SelfAttention<float> layer(config);
+  linen::Tensor<float, 3> x(b, 1, e), y(b, 1, e);
+  std::mt19937 gen(1);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = normal(gen);
+  const auto params = layer.init(linen::random::key(0), x).params;
+  std::vector<std::int32_t> lengths;
+  double cache_bytes = 0;
+  for (Index i = 0; i < b; ++i) {
+    lengths.push_back(static_cast<std::int32_t>(l - 1 - i * (l / 2) / b));
+    cache_bytes += 2.0 * double(lengths.back() + 1) * double(e) * sizeof(float);
+  }
+  const Index count = std::max<Index>(2, (Index{128} << 20) / Index(cache_bytes));
+  std::vector<linen::BatchCache<float>> caches;
+  std::uint32_t r = 12345;
+  for (Index c = 0; c < count; ++c) {
+    auto flax = layer.init_cache(params, {b}, l);
+    for (auto* t : {&flax.cached_key, &flax.cached_value})
+      for (Index i = 0; i < t->size(); ++i) {
+        r = r * 1664525u + 1013904223u;
+        t->data()[i] = float(r >> 8) * 0x1p-24f * 2.0f - 1.0f;
+      }
+    flax.cache_index = static_cast<std::int32_t>(l);  // full, then each sequence rolled back to its length
+    caches.push_back(linen::import_flax(flax));
+    for (Index i = 0; i < b; ++i) linen::rollback(caches.back(), i, lengths[static_cast<std::size_t>(i)]);
+  }
+  linen::DecodeWorkspace<float> workspace;
+  Index c = 0;
+  for (auto _ : state) {
+    auto& cache = caches[static_cast<std::size_t>(c)];
+    layer.decode_step(params, cache, x, y, workspace);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+    for (Index i = 0; i < b; ++i) linen::rollback(cache, i, lengths[static_cast<std::size_t>(i)]);
+    c = (c + 1) % count;
+  }
+  const double bytes = cache_bytes + 4.0 * double(e) * double(e) * sizeof(float);
+  state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_self_attention_batched_decode)
+    ->ArgNames({"B", "L", "E", "H"})
+    ->Args({1, 4096, 512, 8})
+    ->Args({4, 4096, 512, 8})
+    ->Args({16, 4096, 512, 8})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 
