@@ -527,6 +527,76 @@ TEST(NnxAttention, BadInputsNameWhatIsAtFault) {
   EXPECT_MESSAGE(MHA<float>(decode).apply(v.params, x), "pass the cache");
 }
 
+TEST(NnxAttention, DotProductAttentionFlattensBatchDimsAsNnxDoes) {
+  // Rank > 4: nnx reshapes q, k, v, mask to (prod(batch), ...) before jax.nn.
+  Tensor<float, 5> q(2, 3, 4, 4, 5), k(2, 3, 6, 2, 5), v(2, 3, 6, 2, 5);
+  fill_random(q, 50), fill_random(k, 51), fill_random(v, 52);
+  Tensor<bool, 5> mask(2, 3, 1, 4, 6);
+  for (Index i = 0; i < mask.size(); ++i) mask.data()[i] = (i * 5) % 7 != 1;
+  nnx::AttentionOptions<float> o;
+  o.mask = mask;
+  o.is_causal = true;
+  const Tensor<float, 5> y = nnx::dot_product_attention(q, k, v, o);
+  const Eigen::array<Index, 4> q4{6, 4, 4, 5}, k4{6, 6, 2, 5};
+  const Eigen::array<Index, 4> m4{6, 1, 4, 6};
+  const Tensor<float, 4> qf = q.reshape(q4), kf = k.reshape(k4), vf = v.reshape(k4);
+  const Tensor<bool, 4> mf = mask.reshape(m4);
+  linen::jax_nn::Options<float> jo;
+  jo.mask = mf;
+  jo.is_causal = true;
+  EXPECT_TRUE(bitwise_equal(y, linen::jax_nn::dot_product_attention(qf, kf, vf, jo)));
+  // The einsum path takes the batch dims as they are (flax.linen's numerics).
+  o.path = nnx::AttentionPath::Einsum;
+  const Tensor<float, 5> ye = nnx::dot_product_attention(q, k, v, o);
+  EXPECT_LT(rel_err(ye, as_doubles(y)), 1e-5);
+}
+
+TEST(NnxAttention, HalfTypesFollowBothPaths) {
+  using BF = Eigen::bfloat16;
+  const MHA<BF> m(config<BF>(4, 2, 8, 16));
+  const MHA<float> mf(config<float>(4, 2, 8, 16));
+  const auto v = make_vars(m, 53);
+  auto vf = make_vars(mf, 53);
+  for (auto [dst, src] : {std::pair{&vf.params.query, &v.params.query}, std::pair{&vf.params.key, &v.params.key},
+                          std::pair{&vf.params.value, &v.params.value}}) {
+    for (Index i = 0; i < dst->kernel.size(); ++i) dst->kernel.data()[i] = static_cast<float>(src->kernel.data()[i]);
+    for (Index i = 0; i < dst->bias.size(); ++i) dst->bias.data()[i] = static_cast<float>(src->bias.data()[i]);
+  }
+  for (Index i = 0; i < vf.params.out.kernel.size(); ++i)
+    vf.params.out.kernel.data()[i] = static_cast<float>(v.params.out.kernel.data()[i]);
+  for (Index i = 0; i < vf.params.out.bias.size(); ++i)
+    vf.params.out.bias.data()[i] = static_cast<float>(v.params.out.bias.data()[i]);
+  Tensor<BF, 3> x(2, 6, 8);
+  fill_random(x, 54);
+  Tensor<float, 3> xf(2, 6, 8);
+  for (Index i = 0; i < x.size(); ++i) xf.data()[i] = static_cast<float>(x.data()[i]);
+  for (auto path : {nnx::AttentionPath::JaxNn, nnx::AttentionPath::Einsum}) {
+    typename MHA<BF>::CallOptions call;
+    call.path = path;
+    typename MHA<float>::CallOptions callf;
+    callf.path = path;
+    EXPECT_LT(rel_err(m.apply(v.params, x, call), as_doubles(mf.apply(vf.params, xf, callf))), 3e-2);
+  }
+}
+
+TEST(NnxAttention, KeepRngsFalseHasNoStream) {
+  auto c = config<float>(4, 2, 8, 16, false, 0.5);
+  c.keep_rngs = false;
+  const MHA<float> m(c);
+  nnx::Rngs rngs(0);
+  auto v = m.init(rngs);
+  EXPECT_FALSE(v.rngs.has_value());
+  Tensor<float, 3> x(1, 3, 8);
+  fill_random(x, 55);
+  typename MHA<float>::CallOptions train;
+  train.deterministic = false;
+  EXPECT_MESSAGE(m.apply(v, x, train), "'rngs' must be provided");
+  nnx::RngStream stream(linen::random::key(3), "dropout");
+  train.rngs = &stream;
+  m.apply(v, x, train);
+  EXPECT_EQ(stream.count(), 1u);
+}
+
 // ---- decoding -------------------------------------------------------------------------
 
 TEST(NnxAttention, InitCacheShapesAndDtype) {
