@@ -26,6 +26,9 @@
 //       in one decode_chunk (chunk:1), against the module without decode over the same n
 //       tokens with is_causal (chunk:0, apply_into with an AttentionWorkspace); GFLOP/s
 //       counts the same dense flops for both (issue 16: prefill >= 0.9x the forward).
+//   BM_self_attention_batch_decode/B/L/E/H/layout:0|1  one decode_step over B sequences
+//       at the end of L-position contexts on a BatchCache (layout:0) or a PagedCache of
+//       16-position blocks (layout:1), the same sequences (issue 16: paged within 10%).
 //   BM_self_attention_verify/L/E/H/k  a k-position decode_chunk at the end of an
 //       L-position cache (speculative verification of k drafts; k:1 is one step), cycling
 //       through >= 128 MiB of caches like the decode_step rows: compare k:4's time with
@@ -215,6 +218,83 @@ BENCHMARK(BM_self_attention_decode_step)
     ->Args({4096, 512, 8, 16})
     ->Args({256, 512, 8, 32})
     ->Args({256, 2048, 16, 32})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+
+// Batched decode over per-sequence caches: B sequences each at the end of an L-position
+// context, one decode_step of the module over all of them, on a BatchCache (layout:0,
+// contiguous slots) or a PagedCache (layout:1, blocks of 16 positions from one pool,
+// the sequences' blocks interleaved as a ragged prefill leaves them). The same work: the
+// same sequences (the BatchCache is the PagedCache gathered), the same kernel calls; each
+// iteration rolls every sequence back one position (zeroing a row) before its step.
+// Several caches are cycled (>= 128 MiB) so that the cache is read from DRAM; GB/s counts
+// the cache bytes read. Issue 16: paged within 10% of contiguous.
+void BM_self_attention_batch_decode(benchmark::State& state) {
+  const Index b = state.range(0), l = state.range(1), e = state.range(2), h = state.range(3);
+  const bool paged = state.range(4) != 0;
+  const Index block = 16, chunk = 64;
+  linen::AttentionConfig<float> config;
+  config.num_heads = h;
+  config.decode = true;
+  const linen::SelfAttention<float> layer(config);
+  std::mt19937 gen(1);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  linen::Tensor<float, 3> x(b, 1, e), y(b, 1, e), xc(b, chunk, e), yc(b, chunk, e);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = normal(gen);
+  for (Index i = 0; i < xc.size(); ++i) xc.data()[i] = normal(gen);
+  const auto params = layer.init(linen::random::key(0), x).params;
+  const Index cache_bytes = 2 * b * l * e * Index(sizeof(float));
+  const Index count = std::max<Index>(2, (Index{128} << 20) / cache_bytes);
+  // built once per shape (a prefill of b * l tokens): ragged chunks, so the sequences'
+  // blocks interleave in the pool
+  static std::vector<linen::PagedCache<float>> pcs;
+  static std::vector<linen::BatchCache<float>> bcs;
+  static std::vector<Index> built;
+  const std::vector<Index> shape{b, l, e, h};
+  if (built != shape) {
+    pcs.clear();
+    bcs.clear();
+    linen::DecodeWorkspace<float> ws;
+    std::vector<std::int32_t> slots;
+    for (Index s = 0; s < b; ++s) slots.push_back(static_cast<std::int32_t>(s));
+    for (Index c = 0; c < count; ++c) {
+      linen::PagedCache<float> pc = layer.init_paged_cache(params, b, l, block, b * ((l + block - 1) / block));
+      for (Index s = 0; s < b; ++s) pc.join();
+      for (Index done = 0; done < l;) {
+        std::vector<std::int32_t> counts;
+        for (Index s = 0; s < b; ++s)  // ragged: sequence s takes chunk - 16 s tokens a step, at most what is left
+          counts.push_back(static_cast<std::int32_t>(std::min(chunk - block * (s % 4), l - pc.cache_index(s))));
+        layer.decode_chunk(params, pc, slots, counts, xc, yc, ws);
+        done = l;
+        for (Index s = 0; s < b; ++s) done = std::min<Index>(done, pc.cache_index(s));
+      }
+      bcs.push_back(linen::to_batch_cache(pc));
+      pcs.push_back(std::move(pc));
+    }
+    built = shape;
+  }
+  linen::DecodeWorkspace<float> workspace;
+  Index c = 0;
+  for (auto _ : state) {
+    if (paged) {
+      auto& cache = pcs[static_cast<std::size_t>(c)];
+      for (Index s = 0; s < b; ++s) linen::rollback(cache, s, l - 1);  // the step attends to all L positions
+      layer.decode_step(params, cache, x, y, workspace);
+    } else {
+      auto& cache = bcs[static_cast<std::size_t>(c)];
+      for (Index s = 0; s < b; ++s) linen::rollback(cache, s, l - 1);
+      layer.decode_step(params, cache, x, y, workspace);
+    }
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+    c = (c + 1) % count;
+  }
+  state.counters["GB/s"] = benchmark::Counter(double(cache_bytes) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_self_attention_batch_decode)
+    ->ArgNames({"B", "L", "E", "H", "layout"})
+    ->Args({4, 4096, 512, 8, 0})
+    ->Args({4, 4096, 512, 8, 1})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 
