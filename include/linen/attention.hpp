@@ -31,6 +31,7 @@
 #include "detail/decode/batch_ops.hpp"
 #include "detail/decode/cache_ops.hpp"
 #include "detail/decode/paged_ops.hpp"
+#include "detail/decode/ring_ops.hpp"
 #include "detail/fused_attention.hpp"
 #include "detail/fused_projection.hpp"
 #include "detail/mask_plan.hpp"
@@ -42,6 +43,7 @@
 #include "module.hpp"
 #include "paged_cache.hpp"
 #include "random.hpp"
+#include "ring_cache.hpp"
 #include "tensor.hpp"
 
 namespace linen {
@@ -508,6 +510,37 @@ class MultiHeadDotProductAttention {
     batch_step(st, params, inputs_q, out, workspace, call, true, &counts, "PagedCache");
   }
 
+  // Steps on a RingCache (ring_cache.hpp: sliding-window attention in memory bounded by
+  // the window; beyond Flax): decode_step (one position) and decode_chunk (n <= the
+  // ring's max_chunk positions) of the whole batch at the ring's index, each row at
+  // position p attending to the positions [p - window, p] (jax.nn's local_window_size =
+  // (window, 0) with is_causal). Shapes, validation, the workspace and the allocation
+  // rules are decode_step's on a Flax cache; call.mask is refused (linen::invalid_argument:
+  // the ring's slots are no positions a mask could name); a chunk past max_chunk throws
+  // linen::cache_overflow; every error leaves the ring unchanged. Equal, bit for bit, to
+  // the kernels' windowed attention over the whole history (ring_ops.hpp).
+  template <class XQ, class Out>
+  void decode_step(const Params& params, RingCache<T>& cache, const XQ& inputs_q, Out&& out,
+                   DecodeWorkspace<T>& workspace, const CallOptions<T>& call = {}) const {
+    refuse_ring_mask(call);
+    step_into(params, cache, inputs_q, out, workspace, call, false);
+  }
+  template <class XQ, class Out>
+  void decode_chunk(const Params& params, RingCache<T>& cache, const XQ& inputs_q, Out&& out,
+                    DecodeWorkspace<T>& workspace, const CallOptions<T>& call = {}) const {
+    refuse_ring_mask(call);
+    step_into(params, cache, inputs_q, out, workspace, call, true);
+  }
+  // A zero RingCache of `batch` sequences, a window of `window` positions and steps of up
+  // to `max_chunk` positions, sized from the parameters.
+  RingCache<T> init_ring_cache(const Params& params, Index batch, Index window, Index max_chunk = 1) const {
+    const Shape ks = shape_of(params.key.kernel);
+    if (ks[1] != config_.num_heads)
+      throw linen::invalid_argument(name() + ": key/kernel has shape " + to_string(ks) + ", num_heads is " +
+                                    std::to_string(config_.num_heads));
+    return RingCache<T>(batch, window, max_chunk, ks[1], ks[2]);
+  }
+
   // A zero PagedCache of `slots` free slots of up to `max_length` positions sharing a
   // pool of `num_blocks` blocks of `block_size` positions, sized from the parameters.
   PagedCache<T> init_paged_cache(const Params& params, Index slots, Index max_length, Index block_size,
@@ -520,6 +553,12 @@ class MultiHeadDotProductAttention {
   }
 
  private:
+  void refuse_ring_mask(const CallOptions<T>& call) const {
+    if (call.mask)
+      throw linen::invalid_argument(name() + ": a step on a RingCache takes no mask (call.mask of shape " +
+                                    to_string(call.mask.shape()) +
+                                    "): the window is its mask; the cache is unchanged");
+  }
   // A step of slots and counts (St: BatchStep, PagedStep) on a cache of `layout`'s name.
   template <class St, class XQ, class Out>
   void batch_step(St& st, const Params& params, const XQ& inputs_q, Out& out, DecodeWorkspace<T>& workspace,
@@ -1300,6 +1339,7 @@ class SelfAttention : private MultiHeadDotProductAttention<T, ParamT> {
   using Base::init_cache;
   using Base::init_batch_cache;  // a BatchCache (per-sequence positions): see MultiHeadDotProductAttention
   using Base::init_paged_cache;  // a PagedCache (a pool of blocks): see MultiHeadDotProductAttention
+  using Base::init_ring_cache;   // a RingCache (sliding window): see MultiHeadDotProductAttention
   using Base::head_dim;
   using Base::out_features;
   using Base::param_shapes;
