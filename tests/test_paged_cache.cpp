@@ -6,6 +6,7 @@
 // and arithmetic) and each sequence alone on a Flax cache of batch 1; join / leave /
 // block reuse, a full pool, rollback's byte identity, the errors (the cache unchanged)
 // and the Flax interop (import_flax / export_flax on the decode fixtures).
+#define EIGEN_RUNTIME_NO_MALLOC
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "attention_fixture.hpp"
+#include "counting_new.hpp"  // counts every operator new in linen_test::g_news
 
 namespace {
 
@@ -209,7 +211,8 @@ void expect_pool_invariants(const PagedCache<T>& c) {
   }
   for (const Tensor<T, 4>* pool : {&c.key_pool(), &c.value_pool()})
     for (Index e = 0; e < bs * F; ++e) ASSERT_TRUE(pool->data()[NB * bs * F + e] == T(0)) << "the zero block";
-  ASSERT_TRUE(std::is_sorted(c.free_list().rbegin(), c.free_list().rend()));
+  const std::vector<std::int32_t> free = c.free_list();
+  ASSERT_TRUE(std::is_sorted(free.rbegin(), free.rend()));
 }
 
 // Five slots, a pool of fewer blocks than five full sequences need; sequences join, take
@@ -373,6 +376,47 @@ TEST(PagedCache, MemoryGrowsWithTheTokensHeld) {
   attn.decode_chunk(vars.params, c, {a2}, {}, random_tensor<float, 3>({1, 1, E}, g), o2, ws);
   EXPECT_EQ(c.block_table(a2)[0], 0) << "the freed block taken again";
   expect_pool_invariants(c);
+}
+
+// no heap allocation after warm-up: joins, leaves, rollbacks (blocks back to the pool and
+// taken again) and ragged steps of varying counts and slots, with a mask, on a copy of a
+// cache (whose containers the copy sized)
+TEST(PagedCache, NoAllocationAfterWarmUp) {
+  std::mt19937 g(9);
+  const Index S = 4, L = 64, E = 32, H = 4, n = 4;
+  const linen::SelfAttention<float> attn(decode_config<float>(H, true));
+  auto x = random_tensor<float, 3>({S, n, E}, g);
+  const auto vars = attn.init(linen::random::key(1), x);
+  PagedCache<float> made = attn.init_paged_cache(vars.params, S, L, 3, 80);
+  for (Index i = 0; i < S; ++i) made.join();
+  linen::DecodeWorkspace<float> ws;
+  Tensor<float, 3> out(S, n, E);
+  Tensor<bool, 4> mask(S, 1, 1, L);
+  mask.setConstant(true);
+  linen::CallOptions<float> call;
+  call.mask = mask;
+  std::vector<std::int32_t> slots{0, 1, 2, 3}, counts{4, 4, 4, 4};
+  Tensor<float, 3> x1 = random_tensor<float, 3>({S, 1, E}, g), o1(S, 1, E);
+  attn.decode_chunk(vars.params, made, slots, counts, x, out, ws, call);  // warm-up
+  attn.decode_step(vars.params, made, x1, o1, ws, call);
+  PagedCache<float> cache = made;
+  long news = 0;
+  {
+    linen_test::NoAllocation guard;
+    for (int step = 0; step < 10; ++step) {
+      std::swap(slots[static_cast<std::size_t>(step % 4)], slots[static_cast<std::size_t>((step + 1) % 4)]);
+      for (auto& c : counts) c = static_cast<std::int32_t>((c + step) % (n + 1));
+      if (step == 5) {
+        cache.leave(2);
+        (void)cache.join();
+        linen::rollback(cache, 1, 1);
+      }
+      attn.decode_chunk(vars.params, cache, slots, counts, x, out, ws, call);
+      attn.decode_step(vars.params, cache, x1, o1, ws, call);
+    }
+    news = guard.count();
+  }
+  EXPECT_EQ(news, 0);
 }
 
 TEST(PagedCache, AFullPoolThrowsCacheOverflowAndChangesNothing) {

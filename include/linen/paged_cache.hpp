@@ -107,6 +107,7 @@ class PagedCache {
     tables_.assign(static_cast<std::size_t>(slots * table), static_cast<std::int32_t>(num_blocks));
     free_.resize(static_cast<std::size_t>(num_blocks));
     for (Index b = 0; b < num_blocks; ++b) free_[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(num_blocks - 1 - b);
+    n_free_ = num_blocks;
     index_.assign(s, 0);
     offsets_.assign(s, 0);
     active_.assign(s, 0);
@@ -121,7 +122,7 @@ class PagedCache {
   Index block_size() const { return key_.dimension(1); }
   // The pool's blocks (the zero block not counted), those free, those held by sequences.
   Index num_blocks() const { return key_.dimension(0) - 1; }
-  Index free_blocks() const { return static_cast<Index>(free_.size()); }
+  Index free_blocks() const { return n_free_; }
   // Entries of a sequence's block table: ceil(max_length / block_size).
   Index table_length() const { return table_length_; }
   // Whether `slot` holds a sequence (throws linen::invalid_argument outside [0, slots)).
@@ -142,7 +143,7 @@ class PagedCache {
   const Tensor<T, 4>& key_pool() const { return key_; }
   const Tensor<T, 4>& value_pool() const { return value_; }
   // The free blocks, highest number first (the next one taken is the last).
-  const std::vector<std::int32_t>& free_list() const { return free_; }
+  std::vector<std::int32_t> free_list() const { return {free_.begin(), free_.begin() + n_free_}; }
 
   // A new sequence in the lowest free slot, at cache_index 0 and holding no block;
   // returns the slot. Throws linen::cache_overflow (nothing changed) when every slot is
@@ -193,10 +194,8 @@ class PagedCache {
   void append(std::size_t s, const T* k, const T* v, Index n) {
     const Index bs = block_size(), F = num_heads() * head_dim(), cur = index_[s];
     LINEN_ASSERT(cur + n <= max_length_ && blocks_for(cur + n) - blocks_for(cur) <= free_blocks());
-    for (Index b = blocks_for(cur); b < blocks_for(cur + n); ++b) {
-      table(s)[b] = free_.back();  // the lowest free block
-      free_.pop_back();
-    }
+    for (Index b = blocks_for(cur); b < blocks_for(cur + n); ++b)
+      table(s)[b] = free_[static_cast<std::size_t>(--n_free_)];  // the lowest free block
     for (Index p = cur; p < cur + n;) {
       const Index run = std::min(cur + n - p, bs - p % bs), off = row_offset(s, p);
       std::copy(k + (p - cur) * F, k + (p - cur + run) * F, key_.data() + off);
@@ -207,7 +206,7 @@ class PagedCache {
   }
   // Slot s truncated to `to` <= its index positions: the positions dropped zeroed, the
   // blocks past ceil(to / block_size) back in the free list (kept sorted), their table
-  // entries the zero block. Allocates nothing (the free list's capacity is num_blocks).
+  // entries the zero block. Allocates nothing (the free list has room for every block).
   void truncate(std::size_t s, Index to) {
     const Index bs = block_size(), F = num_heads() * head_dim(), cur = index_[s];
     for (Index p = to; p < cur;) {
@@ -218,7 +217,11 @@ class PagedCache {
     }
     for (Index b = blocks_for(cur); b-- > blocks_for(to);) {
       const std::int32_t id = table(s)[b];
-      free_.insert(std::lower_bound(free_.begin(), free_.end(), id, std::greater<std::int32_t>()), id);
+      const auto end = free_.begin() + n_free_;
+      const auto at = std::lower_bound(free_.begin(), end, id, std::greater<std::int32_t>());
+      std::copy_backward(at, end, end + 1);
+      *at = id;
+      ++n_free_;
       table(s)[b] = static_cast<std::int32_t>(num_blocks());
     }
     index_[s] = static_cast<std::int32_t>(to);
@@ -227,7 +230,8 @@ class PagedCache {
   Tensor<T, 4> key_, value_;                 // [num_blocks + 1, block_size, num_heads, head_dim]
   Index max_length_ = 0, table_length_ = 0;
   std::vector<std::int32_t> tables_;         // [slots, table_length] block numbers
-  std::vector<std::int32_t> free_;           // free blocks, descending (back: the lowest)
+  std::vector<std::int32_t> free_;           // [num_blocks]: the free blocks first, descending
+  Index n_free_ = 0;                         // (free_[n_free_ - 1]: the lowest)
   std::vector<std::int32_t> index_;          // [slots] each slot's cache_index
   std::vector<std::int32_t> offsets_;        // [slots] a step's first position (scratch)
   std::vector<unsigned char> active_;        // [slots]
