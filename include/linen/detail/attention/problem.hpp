@@ -221,6 +221,26 @@ struct AttentionProblem {
   // How many keys from j on lie at the row stride (k_sl, v_sl) from key j: the rest of
   // j's block when paged, all of them else.
   Index kv_run(Index j) const { return block_table ? block_size - j % block_size : Lk - j; }
+  // A cursor over the rows of batch b's positions visited in increasing order (a key by
+  // key loop): walk(w, j) is the element offset of j's row from key (key_walk) or value
+  // (value_walk), found with one block-table lookup per block and a stride add per
+  // position (no division per key).
+  struct Walk {
+    Index b = 0, sb = 0, sl = 0;
+    Index pos = -2, end = 0, off = 0;
+  };
+  Walk key_walk(Index b) const { return Walk{b, k_sb, k_sl}; }
+  Walk value_walk(Index b) const { return Walk{b, v_sb, v_sl}; }
+  Index walk(Walk& w, Index j) const {
+    if (j == w.pos + 1 && j < w.end) {
+      w.off += w.sl;
+    } else {
+      w.off = block_table ? kv_position(w.b, j) * w.sl : w.b * w.sb + j * w.sl;
+      w.end = j + kv_run(j);
+    }
+    w.pos = j;
+    return w.off;
+  }
   // Query rows of batch b that are computed (the others: q_len).
   Index q_rows(Index b) const { return q_len ? std::min<Index>(Lq, q_len[b]) : Lq; }
   Index kv_keys(Index b) const { return kv_len ? std::min<Index>(Lk, kv_len[b]) : Lk; }

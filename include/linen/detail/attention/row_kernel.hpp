@@ -217,13 +217,15 @@ class RowKernel {
     const Index k_span = ((kv_n - 1) * a_.k_sh + a_.D) * Index(sizeof(T));
     const Index v_span = ((kv_n - 1) * a_.v_sh + a_.Dv) * Index(sizeof(T));
     const Index ahead = std::max<Index>(2, 8192 / std::max<Index>(k_span, 1));
+    // the rows read and prefetched, key by key (paged: one block lookup per block)
+    auto kw = a_.key_walk(b), kpw = a_.key_walk(b), vw = a_.value_walk(b), vpw = a_.value_walk(b);
     for (Index t0 = j0; t0 < j1; t0 += tk_) {
       const Index nk = std::min(tk_, j1 - t0);
       if (side_by_side) {
         // logits of every (head, row), key by key
         for (Index j = 0; j < nk; ++j) {
-          const T* krow = a_.key_at(b, t0 + j);
-          if (t0 + j + ahead < a_.Lk) simd::prefetch(a_.key_at(b, t0 + j + ahead) + kv0 * a_.k_sh, k_span);
+          const T* krow = a_.key + a_.walk(kw, t0 + j);
+          if (t0 + j + ahead < a_.Lk) simd::prefetch(a_.key + a_.walk(kpw, t0 + j + ahead) + kv0 * a_.k_sh, k_span);
           for (Index h = h0; h < h1; ++h) {
             if (uses[h - h0].skip) continue;
             for (Index r = 0; r < a_.Lq; ++r) {
@@ -249,11 +251,12 @@ class RowKernel {
           if (pol_.rounds_weights()) {
             round_weights(s, h0, h1, nk, uses);
             for (; j + 2 <= nk; j += 2) {
-              const T* vrow = a_.value_at(b, t0 + j);
-              const Index vs = a_.value_at(b, t0 + j + 1) - vrow;  // v_sl, or across a block
-              if (t0 + j + ahead < a_.Lk) simd::prefetch(a_.value_at(b, t0 + j + ahead) + kv0 * a_.v_sh, v_span);
+              const Index v0 = a_.walk(vw, t0 + j);
+              const T* vrow = a_.value + v0;
+              const Index vs = a_.walk(vw, t0 + j + 1) - v0;  // v_sl, or across a block
+              if (t0 + j + ahead < a_.Lk) simd::prefetch(a_.value + a_.walk(vpw, t0 + j + ahead) + kv0 * a_.v_sh, v_span);
               if (t0 + j + 1 + ahead < a_.Lk)
-                simd::prefetch(a_.value_at(b, t0 + j + 1 + ahead) + kv0 * a_.v_sh, v_span);
+                simd::prefetch(a_.value + a_.walk(vpw, t0 + j + 1 + ahead) + kv0 * a_.v_sh, v_span);
               for (Index h = h0; h < h1; ++h) {
                 if (uses[h - h0].skip) continue;
                 for (Index r = 0; r < a_.Lq; ++r) {
@@ -265,8 +268,8 @@ class RowKernel {
           }
         }
         for (; j < nk; ++j) {
-          const T* vrow = a_.value_at(b, t0 + j);
-          if (t0 + j + ahead < a_.Lk) simd::prefetch(a_.value_at(b, t0 + j + ahead) + kv0 * a_.v_sh, v_span);
+          const T* vrow = a_.value + a_.walk(vw, t0 + j);
+          if (t0 + j + ahead < a_.Lk) simd::prefetch(a_.value + a_.walk(vpw, t0 + j + ahead) + kv0 * a_.v_sh, v_span);
           for (Index h = h0; h < h1; ++h) {
             if (uses[h - h0].skip) continue;
             for (Index r = 0; r < a_.Lq; ++r) {
