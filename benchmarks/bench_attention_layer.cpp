@@ -26,7 +26,11 @@
 //       in one decode_chunk (chunk:1), against the module without decode over the same n
 //       tokens with is_causal (chunk:0, apply_into with an AttentionWorkspace); GFLOP/s
 //       counts the same dense flops for both (issue 16: prefill >= 0.9x the forward).
-//   BM_self_attention_batched_decode/B/L/E/H  one decode_step on a BatchCache of B
+//   BM_self_attention_batch_decode/B/L/E/H/layout:0|1|2/block  one decode_step over B
+//       sequences at the end of L-position contexts on a BatchCache (layout:0) or a
+//       PagedCache of `block`-position blocks, interleaved (layout:1) or each sequence's
+//       in order (layout:2), the same sequences (issue 16: paged within 10%).
+//   BM_self_attention_ragged_decode/B/L/E/H  one decode_step on a BatchCache of B
 //       sequences of ragged lengths (2048..4095 positions) at E=512: bytes of cache and
 //       weights read per step / time (issue 16: at least 0.8x BM_memory_read_bandwidth).
 //   BM_self_attention_verify/L/E/H/k  a k-position decode_chunk at the end of an
@@ -221,6 +225,87 @@ BENCHMARK(BM_self_attention_decode_step)
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 
+// Batched decode over per-sequence caches: B sequences each at the end of an L-position
+// context, one decode_step of the module over all of them, on a BatchCache (layout:0,
+// contiguous slots) or a PagedCache of `block`-position blocks from one pool (layout:1:
+// the sequences' blocks interleaved as a ragged prefill leaves them; layout:2: each
+// sequence's blocks in order, as import_flax lays them out). The same work: the same
+// sequences (the BatchCache is the PagedCache gathered), the same kernel calls; each
+// iteration rolls every sequence back one position (zeroing a row) before its step.
+// Several caches are cycled (>= 128 MiB) so that the cache is read from DRAM; GB/s counts
+// the cache bytes read. Issue 16: paged within 10% of contiguous.
+void BM_self_attention_batch_decode(benchmark::State& state) {
+  const Index b = state.range(0), l = state.range(1), e = state.range(2), h = state.range(3);
+  const Index layout = state.range(4), block = state.range(5), chunk = 4 * block;
+  linen::AttentionConfig<float> config;
+  config.num_heads = h;
+  config.decode = true;
+  const linen::SelfAttention<float> layer(config);
+  std::mt19937 gen(1);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  linen::Tensor<float, 3> x(b, 1, e), y(b, 1, e), xc(b, chunk, e), yc(b, chunk, e);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = normal(gen);
+  for (Index i = 0; i < xc.size(); ++i) xc.data()[i] = normal(gen);
+  const auto params = layer.init(linen::random::key(0), x).params;
+  const Index cache_bytes = 2 * b * l * e * Index(sizeof(float));
+  const Index count = std::max<Index>(2, (Index{128} << 20) / cache_bytes);
+  // built once per shape (a prefill of b * l tokens in ragged chunks, so that the
+  // sequences' blocks interleave in the pool)
+  static std::vector<linen::PagedCache<float>> interleaved, in_order;
+  static std::vector<linen::BatchCache<float>> contiguous;
+  static std::vector<Index> built;
+  const std::vector<Index> shape{b, l, e, h, block};
+  if (built != shape) {
+    interleaved.clear();
+    in_order.clear();
+    contiguous.clear();
+    linen::DecodeWorkspace<float> ws;
+    std::vector<std::int32_t> slots;
+    for (Index s = 0; s < b; ++s) slots.push_back(static_cast<std::int32_t>(s));
+    for (Index c = 0; c < count; ++c) {
+      linen::PagedCache<float> pc = layer.init_paged_cache(params, b, l, block, b * ((l + block - 1) / block));
+      for (Index s = 0; s < b; ++s) pc.join();
+      for (Index done = 0; done < l;) {
+        std::vector<std::int32_t> counts;
+        for (Index s = 0; s < b; ++s)  // ragged: sequence s takes chunk - block * (s % 4) tokens a step
+          counts.push_back(static_cast<std::int32_t>(std::min(chunk - block * (s % 4), l - pc.cache_index(s))));
+        layer.decode_chunk(params, pc, slots, counts, xc, yc, ws);
+        done = l;
+        for (Index s = 0; s < b; ++s) done = std::min<Index>(done, pc.cache_index(s));
+      }
+      contiguous.push_back(linen::to_batch_cache(pc));
+      in_order.push_back(linen::import_flax(linen::export_flax(pc), linen::PagedLayout{block, 0}));
+      interleaved.push_back(std::move(pc));
+    }
+    built = shape;
+  }
+  linen::DecodeWorkspace<float> workspace;
+  Index c = 0;
+  for (auto _ : state) {
+    if (layout != 0) {
+      auto& cache = (layout == 1 ? interleaved : in_order)[static_cast<std::size_t>(c)];
+      for (Index s = 0; s < b; ++s) linen::rollback(cache, s, l - 1);  // the step attends to all L positions
+      layer.decode_step(params, cache, x, y, workspace);
+    } else {
+      auto& cache = contiguous[static_cast<std::size_t>(c)];
+      for (Index s = 0; s < b; ++s) linen::rollback(cache, s, l - 1);
+      layer.decode_step(params, cache, x, y, workspace);
+    }
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+    c = (c + 1) % count;
+  }
+  state.counters["GB/s"] = benchmark::Counter(double(cache_bytes) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_self_attention_batch_decode)
+    ->ArgNames({"B", "L", "E", "H", "layout", "block"})
+    ->Args({4, 4096, 512, 8, 0, 16})
+    ->Args({4, 4096, 512, 8, 1, 16})
+    ->Args({4, 4096, 512, 8, 2, 16})
+    ->Args({4, 4096, 512, 8, 1, 64})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+
 // Batched decode on a BatchCache (per-sequence positions): B sequences of ragged lengths
 // (sequence i holds 4096 - 1 - i * 2048 / B positions, so the batch spans 2048..4095), one
 // decode_step advancing every sequence by one token, then each rolled back by that token
@@ -229,7 +314,7 @@ BENCHMARK(BM_self_attention_decode_step)
 // must read: every sequence's keys and values up to its position, and the four float32
 // projection kernels (4 * E * E * 4 bytes, read once for the batch). Compare with the same
 // run's BM_memory_read_bandwidth (issue 16: at least 0.8x).
-void BM_self_attention_batched_decode(benchmark::State& state) {
+void BM_self_attention_ragged_decode(benchmark::State& state) {
   const Index b = state.range(0), l = state.range(1), e = state.range(2), h = state.range(3);
   linen::AttentionConfig<float> config;
   config.num_heads = h;
@@ -273,7 +358,7 @@ void BM_self_attention_batched_decode(benchmark::State& state) {
   const double bytes = cache_bytes + 4.0 * double(e) * double(e) * sizeof(float);
   state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_self_attention_batched_decode)
+BENCHMARK(BM_self_attention_ragged_decode)
     ->ArgNames({"B", "L", "E", "H"})
     ->Args({1, 4096, 512, 8})
     ->Args({4, 4096, 512, 8})

@@ -30,6 +30,8 @@
 #include "detail/attention_tape.hpp"
 #include "detail/decode/batch_ops.hpp"
 #include "detail/decode/cache_ops.hpp"
+#include "detail/decode/paged_ops.hpp"
+#include "detail/decode/ring_ops.hpp"
 #include "detail/fused_attention.hpp"
 #include "detail/fused_projection.hpp"
 #include "detail/mask_plan.hpp"
@@ -39,7 +41,9 @@
 #include "initializers.hpp"
 #include "layer_norm.hpp"
 #include "module.hpp"
+#include "paged_cache.hpp"
 #include "random.hpp"
+#include "ring_cache.hpp"
 #include "tensor.hpp"
 
 namespace linen {
@@ -485,18 +489,88 @@ class MultiHeadDotProductAttention {
     return BatchCache<T>(slots, max_length, ks[1], ks[2]);
   }
 
- private:
+  // Steps on a PagedCache (paged_cache.hpp: a shared pool of blocks, a block table per
+  // sequence; beyond Flax): decode_step and decode_chunk as on a BatchCache (above), the
+  // same arguments, rules and errors, and outputs equal, bit for bit, to those of the
+  // same steps on a BatchCache holding the same sequences; a step whose sequences need
+  // more blocks than the pool has free throws linen::cache_overflow (nothing changed).
   template <class XQ, class Out>
-  void batch_step(detail::decode::BatchStep<T>& st, const Params& params, const XQ& inputs_q, Out& out,
-                  DecodeWorkspace<T>& workspace, const CallOptions<T>& call, bool chunk,
-                  const std::vector<std::int32_t>* counts) const {
+  void decode_step(const Params& params, PagedCache<T>& cache, const XQ& inputs_q, Out&& out,
+                   DecodeWorkspace<T>& workspace, const CallOptions<T>& call = {}) const {
+    const std::vector<std::int32_t>& act = cache.active_slots();
+    detail::decode::PagedStep<T> st{&cache, act.data(), nullptr, static_cast<Index>(act.size())};
+    batch_step(st, params, inputs_q, out, workspace, call, false, nullptr, "PagedCache");
+  }
+  template <class XQ, class Out>
+  void decode_chunk(const Params& params, PagedCache<T>& cache, const std::vector<std::int32_t>& slots,
+                    const std::vector<std::int32_t>& counts, const XQ& inputs_q, Out&& out,
+                    DecodeWorkspace<T>& workspace, const CallOptions<T>& call = {}) const {
+    detail::decode::PagedStep<T> st{&cache, slots.data(), counts.empty() ? nullptr : counts.data(),
+                                    static_cast<Index>(slots.size())};
+    batch_step(st, params, inputs_q, out, workspace, call, true, &counts, "PagedCache");
+  }
+
+  // Steps on a RingCache (ring_cache.hpp: sliding-window attention in memory bounded by
+  // the window; beyond Flax): decode_step (one position) and decode_chunk (n <= the
+  // ring's max_chunk positions) of the whole batch at the ring's index, each row at
+  // position p attending to the positions [p - window, p] (jax.nn's local_window_size =
+  // (window, 0) with is_causal). Shapes, validation, the workspace and the allocation
+  // rules are decode_step's on a Flax cache; call.mask is refused (linen::invalid_argument:
+  // the ring's slots are no positions a mask could name); a chunk past max_chunk throws
+  // linen::cache_overflow; every error leaves the ring unchanged. Equal, bit for bit, to
+  // the kernels' windowed attention over the whole history (ring_ops.hpp).
+  template <class XQ, class Out>
+  void decode_step(const Params& params, RingCache<T>& cache, const XQ& inputs_q, Out&& out,
+                   DecodeWorkspace<T>& workspace, const CallOptions<T>& call = {}) const {
+    refuse_ring_mask(call);
+    step_into(params, cache, inputs_q, out, workspace, call, false);
+  }
+  template <class XQ, class Out>
+  void decode_chunk(const Params& params, RingCache<T>& cache, const XQ& inputs_q, Out&& out,
+                    DecodeWorkspace<T>& workspace, const CallOptions<T>& call = {}) const {
+    refuse_ring_mask(call);
+    step_into(params, cache, inputs_q, out, workspace, call, true);
+  }
+  // A zero RingCache of `batch` sequences, a window of `window` positions and steps of up
+  // to `max_chunk` positions, sized from the parameters.
+  RingCache<T> init_ring_cache(const Params& params, Index batch, Index window, Index max_chunk = 1) const {
+    const Shape ks = shape_of(params.key.kernel);
+    if (ks[1] != config_.num_heads)
+      throw linen::invalid_argument(name() + ": key/kernel has shape " + to_string(ks) + ", num_heads is " +
+                                    std::to_string(config_.num_heads));
+    return RingCache<T>(batch, window, max_chunk, ks[1], ks[2]);
+  }
+
+  // A zero PagedCache of `slots` free slots of up to `max_length` positions sharing a
+  // pool of `num_blocks` blocks of `block_size` positions, sized from the parameters.
+  PagedCache<T> init_paged_cache(const Params& params, Index slots, Index max_length, Index block_size,
+                                 Index num_blocks) const {
+    const Shape ks = shape_of(params.key.kernel);
+    if (ks[1] != config_.num_heads)
+      throw linen::invalid_argument(name() + ": key/kernel has shape " + to_string(ks) + ", num_heads is " +
+                                    std::to_string(config_.num_heads));
+    return PagedCache<T>(slots, max_length, ks[1], ks[2], block_size, num_blocks);
+  }
+
+ private:
+  void refuse_ring_mask(const CallOptions<T>& call) const {
+    if (call.mask)
+      throw linen::invalid_argument(name() + ": a step on a RingCache takes no mask (call.mask of shape " +
+                                    to_string(call.mask.shape()) +
+                                    "): the window is its mask; the cache is unchanged");
+  }
+  // A step of slots and counts (St: BatchStep, PagedStep) on a cache of `layout`'s name.
+  template <class St, class XQ, class Out>
+  void batch_step(St& st, const Params& params, const XQ& inputs_q, Out& out, DecodeWorkspace<T>& workspace,
+                  const CallOptions<T>& call, bool chunk, const std::vector<std::int32_t>* counts,
+                  const char* layout = "BatchCache") const {
     static_assert(detail::tensor_traits<XQ>::rank == 3,
-                  "linen: a BatchCache step takes inputs_q [sequences, n, features] (rank 3)");
+                  "linen: a BatchCache or PagedCache step takes inputs_q [sequences, n, features] (rank 3)");
     if (counts && !counts->empty() && counts->size() != static_cast<std::size_t>(st.size))
-      throw linen::invalid_argument(name() + ": decode_chunk on a BatchCache: " + std::to_string(counts->size()) +
+      throw linen::invalid_argument(name() + ": decode_chunk on a " + layout + ": " + std::to_string(counts->size()) +
                                     " counts for " + std::to_string(st.size) + " slots");
     if (inputs_q.dimension(0) != st.size)
-      throw linen::invalid_argument(name() + ": a BatchCache step of " + std::to_string(st.size) +
+      throw linen::invalid_argument(name() + ": a " + layout + " step of " + std::to_string(st.size) +
                                     (chunk ? " slots" : " active sequences") + " got inputs_q of shape " +
                                     to_string(shape_of(inputs_q)) + " (its first dim must be " +
                                     std::to_string(st.size) + "); the cache is unchanged");
@@ -1264,6 +1338,8 @@ class SelfAttention : private MultiHeadDotProductAttention<T, ParamT> {
   using Base::config;
   using Base::init_cache;
   using Base::init_batch_cache;  // a BatchCache (per-sequence positions): see MultiHeadDotProductAttention
+  using Base::init_paged_cache;  // a PagedCache (a pool of blocks): see MultiHeadDotProductAttention
+  using Base::init_ring_cache;   // a RingCache (sliding window): see MultiHeadDotProductAttention
   using Base::head_dim;
   using Base::out_features;
   using Base::param_shapes;

@@ -170,6 +170,15 @@ struct AttentionProblem {
   Index window_left = 0, window_right = 0;
   const std::int32_t* q_len = nullptr;
   const std::int32_t* kv_len = nullptr;
+  // Paged K and V (a block pool, linen::PagedCache): null block_table = the strides
+  // above (k_sb, v_sb). Else key position j of batch b lies in block
+  // block_table[b * table_stride + j / block_size] of the pool `key` / `value`, row
+  // j % block_size: its row is key + (block * block_size + j % block_size) * k_sl (k_sb,
+  // v_sb unused), read in place. The table covers keys [0, Lk) with valid blocks. The
+  // kernels walk a tile's keys in runs within one block (kv_run) with the arithmetic of
+  // the contiguous path, so a paged problem's result is the contiguous one's bit for bit.
+  const std::int32_t* block_table = nullptr;
+  Index table_stride = 0, block_size = 0;
   // Runs the work items on pool->NumThreads() threads, the calling thread being one of
   // them; null: the calling thread only.
   Eigen::ThreadPoolInterface* pool = nullptr;
@@ -190,13 +199,48 @@ struct AttentionProblem {
   accum_t<T>* out_acc = nullptr;
 
   // --- the index rules, stated once for every kernel ---
-  bool has_index_rules() const { return kv_group != 1 || windowed || q_len || kv_len || causal_offsets; }
+  bool has_index_rules() const {
+    return kv_group != 1 || windowed || q_len || kv_len || causal_offsets || block_table;
+  }
   // The causal flag, the window or the key lengths cut rows' keys (a band per row).
   bool banded() const { return causal || windowed || kv_len; }
   Index kv_head(Index h) const { return h / kv_group; }
   Index causal_offset_of(Index b) const { return causal_offsets ? Index{causal_offsets[b]} : causal_offset; }
-  const T* key_row(Index b, Index j, Index h) const { return key + b * k_sb + j * k_sl + kv_head(h) * k_sh; }
-  const T* value_row(Index b, Index j, Index h) const { return value + b * v_sb + j * v_sl + kv_head(h) * v_sh; }
+  // The pool row (first head) of key position j of batch b: the block table's, or b's stride.
+  Index kv_position(Index b, Index j) const {
+    return block_table ? Index{block_table[b * table_stride + j / block_size]} * block_size + j % block_size : j;
+  }
+  const T* key_at(Index b, Index j) const {
+    return block_table ? key + kv_position(b, j) * k_sl : key + b * k_sb + j * k_sl;
+  }
+  const T* value_at(Index b, Index j) const {
+    return block_table ? value + kv_position(b, j) * v_sl : value + b * v_sb + j * v_sl;
+  }
+  const T* key_row(Index b, Index j, Index h) const { return key_at(b, j) + kv_head(h) * k_sh; }
+  const T* value_row(Index b, Index j, Index h) const { return value_at(b, j) + kv_head(h) * v_sh; }
+  // How many keys from j on lie at the row stride (k_sl, v_sl) from key j: the rest of
+  // j's block when paged, all of them else.
+  Index kv_run(Index j) const { return block_table ? block_size - j % block_size : Lk - j; }
+  // A cursor over the rows of batch b's positions visited in increasing order (a key by
+  // key loop): walk(w, j) is the element offset of j's row from key (key_walk) or value
+  // (value_walk), found with one block-table lookup per block and a stride add per
+  // position (no division per key).
+  struct Walk {
+    Index b = 0, sb = 0, sl = 0;
+    Index pos = -2, end = 0, off = 0;
+  };
+  Walk key_walk(Index b) const { return Walk{b, k_sb, k_sl}; }
+  Walk value_walk(Index b) const { return Walk{b, v_sb, v_sl}; }
+  Index walk(Walk& w, Index j) const {
+    if (j == w.pos + 1 && j < w.end) {
+      w.off += w.sl;
+    } else {
+      w.off = block_table ? kv_position(w.b, j) * w.sl : w.b * w.sb + j * w.sl;
+      w.end = j + kv_run(j);
+    }
+    w.pos = j;
+    return w.off;
+  }
   // Query rows of batch b that are computed (the others: q_len).
   Index q_rows(Index b) const { return q_len ? std::min<Index>(Lq, q_len[b]) : Lq; }
   Index kv_keys(Index b) const { return kv_len ? std::min<Index>(Lk, kv_len[b]) : Lk; }

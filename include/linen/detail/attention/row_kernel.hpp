@@ -217,13 +217,15 @@ class RowKernel {
     const Index k_span = ((kv_n - 1) * a_.k_sh + a_.D) * Index(sizeof(T));
     const Index v_span = ((kv_n - 1) * a_.v_sh + a_.Dv) * Index(sizeof(T));
     const Index ahead = std::max<Index>(2, 8192 / std::max<Index>(k_span, 1));
+    // the rows read and prefetched, key by key (paged: one block lookup per block)
+    auto kw = a_.key_walk(b), kpw = a_.key_walk(b), vw = a_.value_walk(b), vpw = a_.value_walk(b);
     for (Index t0 = j0; t0 < j1; t0 += tk_) {
       const Index nk = std::min(tk_, j1 - t0);
       if (side_by_side) {
         // logits of every (head, row), key by key
         for (Index j = 0; j < nk; ++j) {
-          const T* krow = a_.key + b * a_.k_sb + (t0 + j) * a_.k_sl;
-          if (t0 + j + ahead < a_.Lk) simd::prefetch(krow + ahead * a_.k_sl + kv0 * a_.k_sh, k_span);
+          const T* krow = a_.key + a_.walk(kw, t0 + j);
+          if (t0 + j + ahead < a_.Lk) simd::prefetch(a_.key + a_.walk(kpw, t0 + j + ahead) + kv0 * a_.k_sh, k_span);
           for (Index h = h0; h < h1; ++h) {
             if (uses[h - h0].skip) continue;
             for (Index r = 0; r < a_.Lq; ++r) {
@@ -249,22 +251,25 @@ class RowKernel {
           if (pol_.rounds_weights()) {
             round_weights(s, h0, h1, nk, uses);
             for (; j + 2 <= nk; j += 2) {
-              const T* vrow = a_.value + b * a_.v_sb + (t0 + j) * a_.v_sl;
-              if (t0 + j + ahead < a_.Lk) simd::prefetch(vrow + ahead * a_.v_sl + kv0 * a_.v_sh, v_span);
-              if (t0 + j + 1 + ahead < a_.Lk) simd::prefetch(vrow + (ahead + 1) * a_.v_sl + kv0 * a_.v_sh, v_span);
+              const Index v0 = a_.walk(vw, t0 + j);
+              const T* vrow = a_.value + v0;
+              const Index vs = a_.walk(vw, t0 + j + 1) - v0;  // v_sl, or across a block
+              if (t0 + j + ahead < a_.Lk) simd::prefetch(a_.value + a_.walk(vpw, t0 + j + ahead) + kv0 * a_.v_sh, v_span);
+              if (t0 + j + 1 + ahead < a_.Lk)
+                simd::prefetch(a_.value + a_.walk(vpw, t0 + j + 1 + ahead) + kv0 * a_.v_sh, v_span);
               for (Index h = h0; h < h1; ++h) {
                 if (uses[h - h0].skip) continue;
                 for (Index r = 0; r < a_.Lq; ++r) {
                   const Index hr = (h - h0) * a_.Lq + r;
-                  axpy_pairs(s + hr * tk_ + j, vrow + a_.kv_head(h) * a_.v_sh, a_.v_sl, part + hr * state_);
+                  axpy_pairs(s + hr * tk_ + j, vrow + a_.kv_head(h) * a_.v_sh, vs, part + hr * state_);
                 }
               }
             }
           }
         }
         for (; j < nk; ++j) {
-          const T* vrow = a_.value + b * a_.v_sb + (t0 + j) * a_.v_sl;
-          if (t0 + j + ahead < a_.Lk) simd::prefetch(vrow + ahead * a_.v_sl + kv0 * a_.v_sh, v_span);
+          const T* vrow = a_.value + a_.walk(vw, t0 + j);
+          if (t0 + j + ahead < a_.Lk) simd::prefetch(a_.value + a_.walk(vpw, t0 + j + ahead) + kv0 * a_.v_sh, v_span);
           for (Index h = h0; h < h1; ++h) {
             if (uses[h - h0].skip) continue;
             for (Index r = 0; r < a_.Lq; ++r) {
@@ -278,23 +283,39 @@ class RowKernel {
           const TileUse& u = uses[h - h0];
           if (u.skip) continue;
           // K and V in place (half types widened as they are loaded, so that the loads
-          // stay interleaved with the arithmetic, as they are for float).
-          const T* k = a_.key_row(b, t0, h);
-          const T* v = a_.value_row(b, t0, h);
+          // stay interleaved with the arithmetic, as they are for float), in runs of keys
+          // at the row stride (a paged problem's blocks: see AttentionProblem::kv_run).
+          // Runs change no arithmetic: the logits are per key, and O continues from the
+          // run before (times 1). (bfloat16 pairs: a run of odd length, an odd block
+          // size, takes its last key alone.)
+          auto runs = [&](auto&& f) {
+            for (Index j = 0; j < nk;) {
+              const Index m = std::min(nk - j, a_.kv_run(t0 + j));
+              f(j, m);
+              j += m;
+            }
+          };
           for (Index r = 0; r < a_.Lq; ++r) {
             const Index hr = (h - h0) * a_.Lq + r;
             C* st = part + hr * state_;
-            if constexpr (kPairs) dots_pairs(qs + hr * a_.D, query_pairs(qs) + hr * a_.D, k, a_.k_sl, nk, s);
-            else dots(qs + hr * a_.D, k, a_.k_sl, nk, s);
+            runs([&](Index j, Index m) {
+              const T* k = a_.key_row(b, t0 + j, h);
+              if constexpr (kPairs) dots_pairs(qs + hr * a_.D, query_pairs(qs) + hr * a_.D, k, a_.k_sl, m, s + j);
+              else dots(qs + hr * a_.D, k, a_.k_sl, m, s + j);
+            });
             const C alpha = softmax_tile(b, h, r, t0, nk, u, s, st);
             if constexpr (kPairs) {
               if (pol_.rounds_weights()) {
                 for (Index jj = 0; jj < nk; ++jj) s[jj] = static_cast<C>(static_cast<T>(s[jj]));
-                axpy_rows_pairs(s, v, a_.v_sl, nk, alpha, st);
+                runs([&](Index j, Index m) {
+                  axpy_rows_pairs(s + j, a_.value_row(b, t0 + j, h), a_.v_sl, m, j == 0 ? alpha : C(1), st);
+                });
                 continue;
               }
             }
-            axpy_rows(s, v, a_.v_sl, nk, alpha, st);
+            runs([&](Index j, Index m) {
+              axpy_rows(s + j, a_.value_row(b, t0 + j, h), a_.v_sl, m, j == 0 ? alpha : C(1), st);
+            });
           }
         }
       }

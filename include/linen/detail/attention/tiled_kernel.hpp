@@ -323,7 +323,7 @@ class Kernel {
     for (Index j = j0; j < j1; j += 2) {
       const Bf* v0 = a_.value_row(b, j, h);
       const bool two = j + 1 < j1;
-      const Bf* v1 = two ? v0 + a_.v_sl : nullptr;
+      const Bf* v1 = two ? a_.value_row(b, j + 1, h) : nullptr;
       Bf* dst = vp + (j - j0) * Dv;  // pair row (j - j0) / 2, 2 * Dv elements
       Index c = 0;
       if (two)
@@ -423,16 +423,33 @@ class Kernel {
     // here), it is applied in the product's epilogue instead of a pass of its own.
     const bool to_logits = Policy::changes_logits() && !a_.bias;
     const bool folded = to_logits && !u.mask_mixed && !u.causal_cut;
+    // K read in place is walked in runs at the row stride (a paged problem's blocks:
+    // AttentionProblem::kv_run); each logit is its key's, so runs change no arithmetic.
+    auto runs = [&](auto&& f) {
+      for (Index j = 0; j < nk;) {
+        const Index m = kWiden && !kPairs ? nk - j : std::min(nk - j, a_.kv_run(j0 + j));
+        f(j, m);
+        j += m;
+      }
+    };
     auto product = [&](const auto& epi) {
 #if LINEN_SIMD_HAS_BF16_DOT
       if constexpr (kPairs) {
-        gemm::pair_strip<MR, NR, true>(nk, a_.D, a_.key_row(b, j0, h), a_.k_sl, 0,
-                                       reinterpret_cast<const Eigen::bfloat16*>(scratch + off_qp_ + blk * ((a_.D + 1) / 2) * QB),
-                                       2 * QB, st, QB, 0, gemm::Zero{}, epi);
+        runs([&](Index j, Index m) {
+          gemm::pair_strip<MR, NR, true>(m, a_.D, a_.key_row(b, j0 + j, h), a_.k_sl, 0,
+                                         reinterpret_cast<const Eigen::bfloat16*>(scratch + off_qp_ + blk * ((a_.D + 1) / 2) * QB),
+                                         2 * QB, st + j * QB, QB, 0, gemm::Zero{}, epi);
+        });
         return;
       }
 #endif
-      gemm::strip<P, MR, NR>(nk, a_.D, k, ks, 1, scratch + off_qt_ + blk * a_.D * QB, QB, st, QB, 0, gemm::Zero{}, epi);
+      runs([&](Index j, Index m) {
+        const C* kj;
+        if constexpr (kWiden) kj = k + j * ks;
+        else kj = a_.key_row(b, j0 + j, h);
+        gemm::strip<P, MR, NR>(m, a_.D, kj, ks, 1, scratch + off_qt_ + blk * a_.D * QB, QB, st + j * QB, QB, 0,
+                               gemm::Zero{}, epi);
+      });
     };
     if (folded) product(gemm::StoreLogitMax<P, Policy>{mx, &pol_});
     else product(gemm::StoreMax<P>{mx});
@@ -531,17 +548,22 @@ class Kernel {
         return;
       }
     }
-    const C* v;
-    Index vs;
+    C* ot = scratch + off_ot_ + blk * a_.Dv * QB;
     if constexpr (kWiden) {
-      v = scratch + off_vc_ + (j0 - kv0) * a_.Dv;
-      vs = a_.Dv;
+      gemm::strip<P, MR, NR>(a_.Dv, nk, scratch + off_vc_ + (j0 - kv0) * a_.Dv, 1, a_.Dv, st, QB, ot, QB, 0,
+                             gemm::Rescale<P>{alpha}, gemm::Store{});
     } else {
-      v = a_.value_row(b, j0, h);
-      vs = a_.v_sl;
+      // in runs at the row stride (paged blocks), each continuing the sum of the run
+      // before in key order: the contiguous path's chain of fmadds
+      runs([&](Index j, Index m) {
+        const C* vj = a_.value_row(b, j0 + j, h);
+        if (j == 0)
+          gemm::strip<P, MR, NR>(a_.Dv, m, vj, 1, a_.v_sl, st, QB, ot, QB, 0, gemm::Rescale<P>{alpha}, gemm::Store{});
+        else
+          gemm::strip<P, MR, NR>(a_.Dv, m, vj, 1, a_.v_sl, st + j * QB, QB, ot, QB, 0, gemm::ZeroOrLoad{true},
+                                 gemm::Store{});
+      });
     }
-    gemm::strip<P, MR, NR>(a_.Dv, nk, v, 1, vs, st, QB, scratch + off_ot_ + blk * a_.Dv * QB, QB, 0,
-                           gemm::Rescale<P>{alpha}, gemm::Store{});
   }
 };
 

@@ -73,14 +73,11 @@ void check_cache(const BatchStep<T>& st, const Shape& batch, Index lq, Index hea
                                   " (inputs_q [sequences, n, features]), got " + to_string(got));
 }
 
-// The step's slots (in range, holding a sequence, each once) and counts (in [0, n]), then
-// the room (cache_overflow): all checked before anything is written, so a failed step
-// changes no sequence. Allocates nothing unless it throws.
-template <class T>
-void check_room(const BatchStep<T>& st, Index n, const char* name) {
-  BatchCache<T>& c = *st.cache;
-  auto& seen = BatchAccess::seen(c);
-  auto& epoch = BatchAccess::epoch(c);
+// The step's sequences (St: BatchStep, PagedStep: slots, counts, size; its cache: slots(),
+// active()) against a cache of `layout`'s name, with the cache's duplicate marks.
+template <class St, class Cache>
+void check_step_sequences(const St& st, const Cache& c, std::vector<std::uint32_t>& seen, std::uint32_t& epoch,
+                          Index n, const char* name, const char* layout) {
   if (++epoch == 0) {  // wrapped: start the marks afresh
     std::fill(seen.begin(), seen.end(), 0u);
     epoch = 1;
@@ -89,8 +86,8 @@ void check_room(const BatchStep<T>& st, Index n, const char* name) {
     const Index s = st.slots[i];
     if (s < 0 || s >= c.slots())
       throw linen::invalid_argument(std::string(name) + ": slots[" + std::to_string(i) + "] = " + std::to_string(s) +
-                                    " outside [0, " + std::to_string(c.slots()) +
-                                    ") (the BatchCache's slots); the cache is unchanged");
+                                    " outside [0, " + std::to_string(c.slots()) + ") (the " + layout +
+                                    "'s slots); the cache is unchanged");
     if (!c.active(s))
       throw linen::invalid_argument(std::string(name) + ": slots[" + std::to_string(i) + "] = " + std::to_string(s) +
                                     " holds no sequence (join first); the cache is unchanged");
@@ -104,6 +101,15 @@ void check_room(const BatchStep<T>& st, Index n, const char* name) {
       throw linen::invalid_argument(std::string(name) + ": counts[" + std::to_string(i) + "] = " + std::to_string(k) +
                                     " outside [0, " + std::to_string(n) + "] (n, the step's rows); the cache is unchanged");
   }
+}
+
+// The step's slots (in range, holding a sequence, each once) and counts (in [0, n]), then
+// the room (cache_overflow): all checked before anything is written, so a failed step
+// changes no sequence. Allocates nothing unless it throws.
+template <class T>
+void check_room(const BatchStep<T>& st, Index n, const char* name) {
+  BatchCache<T>& c = *st.cache;
+  check_step_sequences(st, c, BatchAccess::seen(c), BatchAccess::epoch(c), n, name, "BatchCache");
   const auto& index = BatchAccess::index(c);
   for (Index i = 0; i < st.size; ++i) {
     const Index s = st.slots[i], k = st.count(i, n), cur = index[static_cast<std::size_t>(s)];
@@ -136,16 +142,17 @@ void write(BatchStep<T>& st, const T* k, const T* v, Index n) {
   }
 }
 
-// After write: for each run of consecutive slots, one fused kernel call over those
-// sequences (batch stride: a slot), row r of sequence b at position first[b] + r, keys
-// [0, index[b]) (see the file's comment).
-template <class T>
-void attend(const BatchStep<T>& st, const T* q, Index n, const FusedView<bool>& mask, T* out,
-            Eigen::ThreadPoolInterface* pool, RowScratch<accum_t<T>>* scratch, TiledScratch<accum_t<T>>* tiled) {
-  const BatchCache<T>& c = *st.cache;
-  const Index L = c.max_length(), H = c.num_heads(), dh = c.head_dim(), F = H * dh;
-  const auto& index = BatchAccess::index(c);
-  const auto& first = BatchAccess::offsets(c);
+// After write: for each run of consecutive slots with count > 0, one fused kernel call
+// over those sequences, row r of sequence b at position first[b] + r, keys [0, index[b])
+// of max_length (see the file's comment); `place(a, s0)` puts the run's keys and values
+// (from slot s0 on) into the problem: the layout's part (BatchStep: a slot's stride;
+// PagedStep, paged_ops.hpp: the pool and the block tables). St: a step of slots and counts.
+template <class T, class St, class Place>
+void attend_runs(const St& st, Index max_length, Index heads, Index head_dim, const std::int32_t* index,
+                 const std::int32_t* first, const T* q, Index n, const FusedView<bool>& mask, T* out,
+                 Eigen::ThreadPoolInterface* pool, RowScratch<accum_t<T>>* scratch, TiledScratch<accum_t<T>>* tiled,
+                 const Place& place) {
+  const Index F = heads * head_dim;
   for (Index i0 = 0; i0 < st.size;) {
     if (st.count(i0, n) == 0) {
       ++i0;
@@ -157,17 +164,16 @@ void attend(const BatchStep<T>& st, const T* q, Index n, const FusedView<bool>& 
     AttentionDims d;
     d.B = i1 - i0;
     d.Lq = n;
-    d.Lk = L;
-    d.H = H;
-    d.D = d.Dv = dh;
-    AttentionProblem<T> a =
-        flax_problem<T>(d, q + i0 * n * F, c.cached_key().data() + s0 * L * F, c.cached_value().data() + s0 * L * F,
-                        out + i0 * n * F);
+    d.Lk = max_length;
+    d.H = heads;
+    d.D = d.Dv = head_dim;
+    AttentionProblem<T> a = flax_problem<T>(d, q + i0 * n * F, nullptr, nullptr, out + i0 * n * F);
+    place(a, s0);
     a.mask = mask;
     if (mask) a.mask.data = mask.data + i0 * mask.sb;  // the step's sequences i0.. (sb 0: shared)
     a.causal = true;
-    a.causal_offsets = first.data() + s0;  // row r at position first + r
-    a.kv_len = index.data() + s0;          // positions past the index: not part of the problem
+    a.causal_offsets = first + s0;  // row r at position first + r
+    a.kv_len = index + s0;          // positions past the index: not part of the problem
     a.causal_hides_values = true;
     a.pool = pool;
     a.row_scratch = scratch;
@@ -178,12 +184,30 @@ void attend(const BatchStep<T>& st, const T* q, Index n, const FusedView<bool>& 
   }
 }
 
-// Output rows past each sequence's count are zeros.
+template <class T>
+void attend(const BatchStep<T>& st, const T* q, Index n, const FusedView<bool>& mask, T* out,
+            Eigen::ThreadPoolInterface* pool, RowScratch<accum_t<T>>* scratch, TiledScratch<accum_t<T>>* tiled) {
+  const BatchCache<T>& c = *st.cache;
+  const Index per_slot = c.max_length() * c.num_heads() * c.head_dim();
+  attend_runs(st, c.max_length(), c.num_heads(), c.head_dim(), BatchAccess::index(c).data(),
+              BatchAccess::offsets(c).data(), q, n, mask, out, pool, scratch, tiled,
+              [&](AttentionProblem<T>& a, Index s0) {
+                a.key = c.cached_key().data() + s0 * per_slot;  // batch stride: a slot (flax_problem's)
+                a.value = c.cached_value().data() + s0 * per_slot;
+              });
+}
+
+// Output rows past each sequence's count are zeros (any step of slots and counts).
+template <class T>
+void clear_count_padding(const std::int32_t* counts, Index size, T* out, Index n, Index out_features) {
+  if (!counts) return;
+  for (Index i = 0; i < size; ++i)
+    std::fill(out + (i * n + counts[i]) * out_features, out + (i + 1) * n * out_features, T(0));
+}
+
 template <class T>
 void clear_padding(const BatchStep<T>& st, T* out, Index n, Index out_features) {
-  if (!st.counts) return;
-  for (Index i = 0; i < st.size; ++i)
-    std::fill(out + (i * n + st.counts[i]) * out_features, out + (i + 1) * n * out_features, T(0));
+  clear_count_padding(st.counts, st.size, out, n, out_features);
 }
 
 }  // namespace decode

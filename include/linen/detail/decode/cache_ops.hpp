@@ -17,8 +17,9 @@
 // (Per-sequence positions extend these, not the module.)
 //
 // Cache layouts. A module's decode step (MultiHeadDotProductAttention::step_into) is one
-// template over the step's target C: an AttentionCache<T>, or a layout's step view (e.g.
-// BatchStep<T>, batch_ops.hpp: a BatchCache with the step's slots and counts). It
+// template over the step's target C: an AttentionCache<T>, a RingCache<T> (ring_ops.hpp:
+// a sliding window), or a layout's step view (BatchStep<T>, batch_ops.hpp: a BatchCache
+// with the step's slots and counts; PagedStep<T>, paged_ops.hpp: a PagedCache's). It
 // projects q, k, v ([step_batch(c) * n] rows), then calls, found by overload (ADL in
 // linen::detail::decode), one file per layout:
 //   void  put_signature(std::vector<Index>& now, const C&)   the shapes the workspace
