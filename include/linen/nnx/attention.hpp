@@ -110,7 +110,6 @@
 
 #include "../decode.hpp"
 #include "../detail/decode/cache_ops.hpp"
-#include "../detail/decode/grouped.hpp"
 #include "../detail/mask_plan.hpp"
 #include "../dot_product_attention.hpp"
 #include "../dropout_rng.hpp"
