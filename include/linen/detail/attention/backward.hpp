@@ -179,36 +179,46 @@ struct BackwardLogits {
   // Whether finish_row / finish_transposed change anything, and whether anything is masked.
   bool finishes() const { return Policy::changes_logits() || a.bias || a.mask || a.banded(); }
   bool masks() const { return a.mask || a.banded(); }
-  // finish_row on a transposed tile t [keys j0.., rows i0..] (the fused kernels' layout).
+  // finish_row on a transposed tile t [keys j0.., rows i0..] (the fused kernels' layout):
+  // each element through logit(), add_bias(), then the mask's and the band's fill, as
+  // finish_row; passes over the tile's contiguous rows, the band's fill only where it
+  // falls.
   template <class M>
   void finish_transposed(Index b, Index h, Index i0, Index j0, M& t) const {
-    for (Index r = 0; r < t.cols(); ++r) {
-      const Index i = i0 + r;
-      const T* br = a.bias ? a.bias.row(b, h, i) : nullptr;
-      const bool* mr = a.mask ? a.mask.row(b, h, i) : nullptr;
-      const auto [lo, hi] = band(b, i);
-      for (Index k = 0; k < t.rows(); ++k) {
-        const Index j = j0 + k;
-        C x = t(k, r);
-        if constexpr (Policy::changes_logits()) x = pol.logit(x);
-        if (br) x = pol.add_bias(x, br[j * a.bias.sk]);
-        if ((mr && !mr[j * a.mask.sk]) || j < lo || j >= hi) x = Policy::mask_value();
-        t(k, r) = x;
-      }
+    const Index nk = t.rows(), nr = t.cols();
+    C* const d = t.data();
+    if constexpr (Policy::changes_logits()) {
+      for (Index e = 0; e < nk * nr; ++e) d[e] = pol.logit(d[e]);
     }
+    if (a.bias)
+      for (Index r = 0; r < nr; ++r) {
+        const T* br = a.bias.row(b, h, i0 + r) + j0 * a.bias.sk;
+        for (Index k = 0; k < nk; ++k) d[k * nr + r] = pol.add_bias(d[k * nr + r], br[k * a.bias.sk]);
+      }
+    fill_masked(b, h, i0, j0, nk, nr, d, Policy::mask_value());
   }
   // Zeroes the entries of a transposed tile t [keys j0.., rows i0..] that are masked.
   template <class M>
   void zero_masked_transposed(Index b, Index h, Index i0, Index j0, M& t) const {
-    for (Index r = 0; r < t.cols(); ++r) {
-      const Index i = i0 + r;
-      const bool* mr = a.mask ? a.mask.row(b, h, i) : nullptr;
-      const auto [lo, hi] = band(b, i);
-      for (Index k = 0; k < t.rows(); ++k) {
-        const Index j = j0 + k;
-        if ((mr && !mr[j * a.mask.sk]) || j < lo || j >= hi) t(k, r) = C(0);
+    fill_masked(b, h, i0, j0, t.rows(), t.cols(), t.data(), C(0));
+  }
+  // d[k * nr + r] = x where (row i0 + r, key j0 + k) is masked (the mask, or outside the
+  // row's band).
+  void fill_masked(Index b, Index h, Index i0, Index j0, Index nk, Index nr, C* d, C x) const {
+    if (a.mask)
+      for (Index r = 0; r < nr; ++r) {
+        const bool* mr = a.mask.row(b, h, i0 + r) + j0 * a.mask.sk;
+        for (Index k = 0; k < nk; ++k)
+          if (!mr[k * a.mask.sk]) d[k * nr + r] = x;
       }
-    }
+    if (a.banded())
+      for (Index r = 0; r < nr; ++r) {
+        const auto [lo, hi] = band(b, i0 + r);
+        // keys [j0, lo) and [hi, j0 + nk) (all of them when the band is empty)
+        const Index e1 = std::clamp<Index>(lo - j0, 0, nk), s2 = std::clamp<Index>(hi - j0, 0, nk);
+        for (Index k = 0; k < e1; ++k) d[k * nr + r] = x;
+        for (Index k = s2; k < nk; ++k) d[k * nr + r] = x;
+      }
   }
   bool masked(Index b, Index h, Index i, Index j) const {
     return band_masked(b, i, j) || (a.mask && !a.mask.row(b, h, i)[j * a.mask.sk]);
