@@ -211,14 +211,26 @@ struct BackwardLogits {
         for (Index k = 0; k < nk; ++k)
           if (!mr[k * a.mask.sk]) d[k * nr + r] = x;
       }
-    if (a.banded())
-      for (Index r = 0; r < nr; ++r) {
-        const auto [lo, hi] = band(b, i0 + r);
-        // keys [j0, lo) and [hi, j0 + nk) (all of them when the band is empty)
-        const Index e1 = std::clamp<Index>(lo - j0, 0, nk), s2 = std::clamp<Index>(hi - j0, 0, nk);
-        for (Index k = 0; k < e1; ++k) d[k * nr + r] = x;
-        for (Index k = s2; k < nk; ++k) d[k * nr + r] = x;
+    // The band: nothing when every row sees every key of the tile (both ends of a band are
+    // non-decreasing in the row); else, for chunks of rows, each key's row of the tile
+    // (contiguous) filled where it lies outside [lo, hi) (an empty band: everywhere).
+    if (a.banded() && nr > 0 && !(a.band_begin(i0 + nr - 1) <= j0 && a.band_end(b, i0) >= j0 + nk)) {
+      constexpr Index R = 64;
+      Index lo[R], hi[R];
+      for (Index rc = 0; rc < nr; rc += R) {
+        const Index n = std::min(R, nr - rc);
+        for (Index r = 0; r < n; ++r) {
+          const auto [l, e] = band(b, i0 + rc + r);
+          lo[r] = l - j0;
+          hi[r] = e - j0;
+        }
+        for (Index k = 0; k < nk; ++k) {
+          C* row = d + k * nr + rc;
+          for (Index r = 0; r < n; ++r)
+            if (k < lo[r] || k >= hi[r]) row[r] = x;
+        }
       }
+    }
   }
   bool masked(Index b, Index h, Index i, Index j) const {
     return band_masked(b, i, j) || (a.mask && !a.mask.row(b, h, i)[j * a.mask.sk]);
