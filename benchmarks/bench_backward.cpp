@@ -24,6 +24,13 @@
 //       timed after every step). GFLOP/s counts the matrix products only: forward 4 projections
 // (2*L*E*E each) + attention (4*L^2*E); backward 8 projection products + 5 attention
 // products (Q.K^T is recomputed): 4*4*L*E*E + 10*L^2*E.
+// jax.nn.dot_product_attention's vjp (linen::jax_nn::vjp), float32, one thread, query
+// [1, L, N, H], key and value [1, L, K, H]; the rows time pullback(d_out) alone:
+//   BM_jax_nn_backward_gqa/L:2048/N:8/K:2|8/H:64   grouped-query (K = 2: a unit owns a kv
+//       head's 4 query heads, each K, V tile loaded once for them) against multi-head
+//   BM_jax_nn_backward_window/L:4096/N:8/H:64/window:256|0   local_window_size = 256
+//       (tiles outside the band skipped) against the dense backward (window:0)
+// GFLOP/s counts the dense backward's 5 attention products, 10*L^2*N*H.
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -41,6 +48,7 @@
 
 #include <benchmark/benchmark.h>
 #include <linen/grad.hpp>
+#include <linen/jax_nn_grad.hpp>
 #include <linen/linen.hpp>
 
 namespace {
@@ -156,6 +164,50 @@ LINEN_FORWARD_ROW(BM_self_attention_vjp_forward);
 LINEN_BACKWARD_ROW(BM_self_attention_backward);
 LINEN_BACKWARD_ROW(BM_self_attention_backward_reference);
 LINEN_BACKWARD_ROW(BM_self_attention_backward_threads2);
+
+// ---- jax.nn.dot_product_attention's backward -------------------------------------------
+
+linen::Tensor<float, 4> random_normal4(const std::array<linen::Index, 4>& dims, unsigned seed) {
+  linen::Tensor<float, 4> t(dims);
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (linen::Index i = 0; i < t.size(); ++i) t.data()[i] = normal(gen);
+  return t;
+}
+
+void run_jax_nn_backward(benchmark::State& state, linen::Index l, linen::Index n, linen::Index kh, linen::Index h,
+                         const linen::jax_nn::Options<float>& o) {
+  const auto q = random_normal4({1, l, n, h}, 1), k = random_normal4({1, l, kh, h}, 2),
+             v = random_normal4({1, l, kh, h}, 3), d_out = random_normal4({1, l, n, h}, 4);
+  const auto r = linen::jax_nn::vjp(q, k, v, o);
+  for (auto _ : state) {
+    auto g = r.pullback(d_out);
+    benchmark::DoNotOptimize(g.query.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(10.0 * double(l) * double(l) * double(n) * double(h) * 1e-9,
+                                                 benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_jax_nn_backward_gqa(benchmark::State& state) {
+  run_jax_nn_backward(state, state.range(0), state.range(1), state.range(2), state.range(3), {});
+}
+BENCHMARK(BM_jax_nn_backward_gqa)
+    ->ArgNames({"L", "N", "K", "H"})
+    ->Args({2048, 8, 2, 64})
+    ->Args({2048, 8, 8, 64})
+    ->Unit(benchmark::kMillisecond);
+
+void BM_jax_nn_backward_window(benchmark::State& state) {
+  linen::jax_nn::Options<float> o;
+  if (state.range(3) > 0) o.local_window_size = state.range(3);
+  run_jax_nn_backward(state, state.range(0), state.range(1), state.range(1), state.range(2), o);
+}
+BENCHMARK(BM_jax_nn_backward_window)
+    ->ArgNames({"L", "N", "H", "window"})
+    ->Args({4096, 8, 64, 256})
+    ->Args({4096, 8, 64, 0})
+    ->Unit(benchmark::kMillisecond);
 
 // ---- A training step's forward and backward with the allocator users have -------------
 #if defined(__GLIBC__) && defined(__linux__)

@@ -304,6 +304,32 @@ TEST(DotProductAttentionVjp, FusedSkipsMaskedTilesExactly) {
   }
 }
 
+// A key mask shared by the query rows ([B, 1, 1, S]) under is_causal, its key masked at the
+// first key of a diagonal tile: the tile's first row sees only that key, yet later rows see
+// unmasked keys of the tile, so it must not be skipped (it once was: the check stopped at
+// the first row of a mask shared by the rows).
+TEST(DotProductAttentionVjp, FusedKeepsCausalTilesWithAMaskedFirstKey) {
+  std::mt19937 gen(8);
+  const Index L = 24;
+  const auto q = random_tensor<double, 4>({1, L, 1, 4}, gen), k = random_tensor<double, 4>({1, L, 1, 4}, gen);
+  const auto v = random_tensor<double, 4>({1, L, 1, 3}, gen), ct = random_tensor<double, 4>({1, L, 1, 3}, gen);
+  Tensor<bool, 4> mask(1, 1, 1, L);
+  mask.setConstant(true);
+  mask(0, 0, 0, 8) = false;  // the first key of the tile at j0 = 8
+  linen::AttentionOptions<double> o;
+  o.mask = mask;
+  o.is_causal = true;
+  linen::GradOptions ref, fused;
+  ref.implementation = linen::Implementation::Reference;
+  fused.block_q = 8;
+  fused.block_k = 8;
+  const auto r = linen::dot_product_attention_vjp(q, k, v, ct, o, ref);
+  const auto f = linen::dot_product_attention_vjp(q, k, v, ct, o, fused);
+  EXPECT_LE(rel_err(f.query, r.query), 1e-12);
+  EXPECT_LE(rel_err(f.key, r.key), 1e-12);
+  EXPECT_LE(rel_err(f.value, r.value), 1e-12);
+}
+
 // ---- element types -------------------------------------------------------------------------
 
 template <class T>

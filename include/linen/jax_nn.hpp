@@ -189,6 +189,101 @@ inline void jax_nn_check_lengths(const ArrayRef<std::int32_t>& t, Index B, Index
   }
 }
 
+// The source's checks of one call, made before anything runs (so a failed call writes
+// nothing): shapes, implementation, mask, bias, lengths, window.
+template <class T>
+JaxNnDims jax_nn_validate(const Shape& q_shape, const Shape& k_shape, const Shape& v_shape,
+                          const jax_nn::Options<T>& o) {
+  const std::string f = "jax_nn::dot_product_attention: ";
+  const JaxNnDims d = jax_nn_check(q_shape, k_shape, v_shape);
+  if (o.implementation && *o.implementation != "xla") {
+    if (*o.implementation == "cudnn")
+      throw linen::invalid_argument(f + "implementation='cudnn' is cuDNN flash attention, GPU only: on a CPU use "
+                                        "'xla' or none");
+    throw linen::invalid_argument(f + "Unsupported implementation option: '" + *o.implementation + "'");
+  }
+  return d;
+}
+
+inline AttentionDims jax_nn_attention_dims(const JaxNnDims& d) {
+  AttentionDims dims;
+  dims.batch = {d.B};
+  dims.B = d.B;
+  dims.Lq = d.T;
+  dims.Lk = d.S;
+  dims.H = d.N;
+  dims.D = d.H;
+  dims.Dv = d.H;
+  return dims;
+}
+
+// One jax.nn call as the kernels read it: the validated dims, the broadcast mask and bias
+// (which own the offsets the problem's views point into: not copyable) and the problem
+// (jax.nn's layout and index rules, JaxNnLogits' scale), its out pointer `out`. The forward
+// and the vjp's backward read this one problem.
+template <class T>
+struct JaxNnProblem {
+  JaxNnDims d;
+  AttentionDims dims;
+  Broadcast<bool> mask;
+  Broadcast<T> bias;
+  AttentionProblem<T> a;
+
+  JaxNnProblem(const Shape& q_shape, const Shape& k_shape, const Shape& v_shape, const T* query, const T* key,
+               const T* value, const jax_nn::Options<T>& o, T* out, const AttentionTuning& tuning = {})
+      : d(jax_nn_validate(q_shape, k_shape, v_shape, o)),
+        dims(jax_nn_attention_dims(d)),
+        mask(jax_nn_broadcast(o.mask, dims, "mask")),
+        bias(jax_nn_broadcast(o.bias, dims, "bias")) {
+    using C = accum_t<T>;
+    const std::string f = "jax_nn::dot_product_attention: ";
+    jax_nn_check_lengths(o.query_seq_lengths, d.B, d.T, "query_seq_lengths", "query");
+    jax_nn_check_lengths(o.key_value_seq_lengths, d.B, d.S, "key_value_seq_lengths", "key");
+    if (o.local_window_size) {
+      const Index lim = std::numeric_limits<std::int32_t>::max();
+      for (const Index w : {o.local_window_size->left, o.local_window_size->right})
+        if (w > lim || w < -lim - 1)
+          throw linen::invalid_argument(f + "local_window_size entry " + std::to_string(w) + " is outside int32");
+    }
+    a.B = d.B;
+    a.H = d.N;
+    a.Lq = d.T;
+    a.Lk = d.S;
+    a.D = d.H;
+    a.Dv = d.H;
+    static const T none{};
+    a.query = query ? query : &none;
+    a.q_sb = d.T * d.N * d.H;
+    a.q_sl = d.N * d.H;
+    a.q_sh = d.H;
+    a.key = key ? key : &none;
+    a.value = value ? value : &none;
+    a.k_sb = a.v_sb = d.S * d.K * d.H;
+    a.k_sl = a.v_sl = d.K * d.H;
+    a.k_sh = a.v_sh = d.H;
+    a.out = out;
+    a.o_sb = a.q_sb;
+    a.o_sl = a.q_sl;
+    a.o_sh = a.q_sh;
+    a.logit_scale = o.scale ? static_cast<C>(*o.scale) : jax_nn_default_scale<T>(d.H);
+    a.bias = bias.view();
+    a.mask = mask.view();
+    a.causal = o.is_causal;  // tril(ones(T, S)): causal_offset 0
+    a.kv_group = d.N / d.K;
+    if (o.local_window_size) {
+      a.windowed = true;
+      a.window_left = o.local_window_size->left;
+      a.window_right = o.local_window_size->right;
+    }
+    a.q_len = o.query_seq_lengths ? o.query_seq_lengths.data() : nullptr;
+    a.kv_len = o.key_value_seq_lengths ? o.key_value_seq_lengths.data() : nullptr;
+    a.pool = o.thread_pool;
+    a.tuning = tuning;
+  }
+  JaxNnProblem(const JaxNnProblem&) = delete;
+  JaxNnProblem& operator=(const JaxNnProblem&) = delete;
+};
+
 // The call's work, the public functions' one body: validates everything first (so a failed
 // call writes nothing), then runs detail::attend<JaxNnLogits<T>> into out ([B, T, N, H]
 // row-major) and, when `residual` is set, writes the logsumexp [B, T, N] in T.
@@ -199,68 +294,9 @@ void jax_nn_attention(const Shape& q_shape, const Shape& k_shape, const Shape& v
                       const AttentionTuning& tuning = {}) {
   static_assert(is_element_type_v<T>, "linen: element type must be float, double, Eigen::half or Eigen::bfloat16");
   using C = accum_t<T>;
-  const std::string f = "jax_nn::dot_product_attention: ";
-  const JaxNnDims d = jax_nn_check(q_shape, k_shape, v_shape);
-  if (o.implementation && *o.implementation != "xla") {
-    if (*o.implementation == "cudnn")
-      throw linen::invalid_argument(f + "implementation='cudnn' is cuDNN flash attention, GPU only: on a CPU use "
-                                        "'xla' or none");
-    throw linen::invalid_argument(f + "Unsupported implementation option: '" + *o.implementation + "'");
-  }
-  AttentionDims dims;
-  dims.batch = {d.B};
-  dims.B = d.B;
-  dims.Lq = d.T;
-  dims.Lk = d.S;
-  dims.H = d.N;
-  dims.D = d.H;
-  dims.Dv = d.H;
-  const Broadcast<bool> mask = jax_nn_broadcast(o.mask, dims, "mask");
-  const Broadcast<T> bias = jax_nn_broadcast(o.bias, dims, "bias");
-  jax_nn_check_lengths(o.query_seq_lengths, d.B, d.T, "query_seq_lengths", "query");
-  jax_nn_check_lengths(o.key_value_seq_lengths, d.B, d.S, "key_value_seq_lengths", "key");
-  if (o.local_window_size) {
-    const Index lim = std::numeric_limits<std::int32_t>::max();
-    for (const Index w : {o.local_window_size->left, o.local_window_size->right})
-      if (w > lim || w < -lim - 1)
-        throw linen::invalid_argument(f + "local_window_size entry " + std::to_string(w) + " is outside int32");
-  }
-
-  AttentionProblem<T> a;
-  a.B = d.B;
-  a.H = d.N;
-  a.Lq = d.T;
-  a.Lk = d.S;
-  a.D = d.H;
-  a.Dv = d.H;
-  static const T none{};
-  a.query = query ? query : &none;
-  a.q_sb = d.T * d.N * d.H;
-  a.q_sl = d.N * d.H;
-  a.q_sh = d.H;
-  a.key = key ? key : &none;
-  a.value = value ? value : &none;
-  a.k_sb = a.v_sb = d.S * d.K * d.H;
-  a.k_sl = a.v_sl = d.K * d.H;
-  a.k_sh = a.v_sh = d.H;
-  a.out = out;
-  a.o_sb = a.q_sb;
-  a.o_sl = a.q_sl;
-  a.o_sh = a.q_sh;
-  a.logit_scale = o.scale ? static_cast<C>(*o.scale) : jax_nn_default_scale<T>(d.H);
-  a.bias = bias.view();
-  a.mask = mask.view();
-  a.causal = o.is_causal;  // tril(ones(T, S)): causal_offset 0
-  a.kv_group = d.N / d.K;
-  if (o.local_window_size) {
-    a.windowed = true;
-    a.window_left = o.local_window_size->left;
-    a.window_right = o.local_window_size->right;
-  }
-  a.q_len = o.query_seq_lengths ? o.query_seq_lengths.data() : nullptr;
-  a.kv_len = o.key_value_seq_lengths ? o.key_value_seq_lengths.data() : nullptr;
-  a.pool = o.thread_pool;
-  a.tuning = tuning;
+  JaxNnProblem<T> p(q_shape, k_shape, v_shape, query, key, value, o, out, tuning);
+  const JaxNnDims& d = p.d;
+  AttentionProblem<T>& a = p.a;
   const Index rows = d.B * d.N * d.T;
   std::vector<C> stats(residual ? static_cast<std::size_t>(2 * rows) : 0);
   if (residual) {

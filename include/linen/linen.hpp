@@ -29,5 +29,6 @@
 #include "decode.hpp"
 #include "attention.hpp"
 #include "grad.hpp"
+#include "jax_nn_grad.hpp"
 
 #endif  // LINEN_LINEN_HPP

@@ -72,15 +72,10 @@ struct Gemv {
                       Index ldy, Eigen::ThreadPoolInterface* pool);
 };
 
-// The entries of each policy, and those tied to no policy. (jax.nn's numerics have no
-// backward yet: its entry is left out, so that no call can reach one.)
+// The entries of each policy (a forward and its backward), and those tied to no policy.
 template <class Policy>
 struct EntriesOf {
   using type = List<Forward<Policy>, Backward<Policy>>;
-};
-template <class T>
-struct EntriesOf<JaxNnLogits<T>> {
-  using type = List<Forward<JaxNnLogits<T>>>;
 };
 template <class Policy>
 using PolicyEntries = typename EntriesOf<Policy>::type;

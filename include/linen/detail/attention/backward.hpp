@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
@@ -57,6 +58,11 @@ struct BackwardScratch {
     return n;
   }
 };
+
+// The fused backward's slots under AttentionProblem::backward_fixed_split: the work is cut
+// into this many parts (or fewer, one per unit) whatever the thread count, so that results
+// do not depend on it; at most this many threads share one backward.
+constexpr int kBackwardFixedSlots = 16;
 
 inline namespace LINEN_ISA_NAMESPACE {
 
@@ -144,7 +150,14 @@ struct BackwardLogits {
     load_rows(dout, a.o_sb, a.o_sl, a.o_sh, b, h, 0, a.Lq, a.Dv, dst);
   }
 
-  bool causal_masked(Index i, Index j) const { return a.causal && j > i + a.causal_offset; }
+  // Whether key j is outside row i's band (problem.hpp: causal, window, key length),
+  // i.e. masked as the causal mask (Flax) or jax.nn's index masks make it.
+  bool band_masked(Index b, Index i, Index j) const { return a.banded() && !a.in_band(b, i, j); }
+  // Row i's band of keys [lo, hi) (hi <= lo: empty); every key without band rules.
+  std::pair<Index, Index> band(Index b, Index i) const {
+    if (!a.banded()) return {0, a.Lk};
+    return {a.band_begin(i), a.band_end(b, i)};
+  }
   // Turns raw products q.k of row i, keys [j0, j0 + n), into the logits softmax sees.
   void finish_row(Index b, Index h, Index i, Index j0, C* row, Index n) const {
     if constexpr (Policy::changes_logits()) {
@@ -159,45 +172,83 @@ struct BackwardLogits {
       for (Index j = 0; j < n; ++j)
         if (!mr[j * a.mask.sk]) row[j] = Policy::mask_value();
     }
-    if (a.causal)
-      for (Index j = std::max<Index>(i + 1 + a.causal_offset - j0, 0); j < n; ++j) row[j] = Policy::mask_value();
+    if (a.banded())
+      for (Index j = 0; j < n; ++j)
+        if (band_masked(b, i, j0 + j)) row[j] = Policy::mask_value();
   }
   // Whether finish_row / finish_transposed change anything, and whether anything is masked.
-  bool finishes() const { return Policy::changes_logits() || a.bias || a.mask || a.causal; }
-  bool masks() const { return a.mask || a.causal; }
-  // finish_row on a transposed tile t [keys j0.., rows i0..] (the fused kernels' layout).
+  bool finishes() const { return Policy::changes_logits() || a.bias || a.mask || a.banded(); }
+  bool masks() const { return a.mask || a.banded(); }
+  // finish_row on a transposed tile t [keys j0.., rows i0..] (the fused kernels' layout):
+  // each element through logit(), add_bias(), then the mask's and the band's fill, as
+  // finish_row; passes over the tile's contiguous rows, the band's fill only where it
+  // falls.
   template <class M>
   void finish_transposed(Index b, Index h, Index i0, Index j0, M& t) const {
-    for (Index r = 0; r < t.cols(); ++r) {
-      const Index i = i0 + r;
-      const T* br = a.bias ? a.bias.row(b, h, i) : nullptr;
-      const bool* mr = a.mask ? a.mask.row(b, h, i) : nullptr;
-      for (Index k = 0; k < t.rows(); ++k) {
-        const Index j = j0 + k;
-        C x = t(k, r);
-        if constexpr (Policy::changes_logits()) x = pol.logit(x);
-        if (br) x = pol.add_bias(x, br[j * a.bias.sk]);
-        if ((mr && !mr[j * a.mask.sk]) || causal_masked(i, j)) x = Policy::mask_value();
-        t(k, r) = x;
+    const Index nk = t.rows(), nr = t.cols();
+    C* const d = t.data();
+    if constexpr (Policy::changes_logits()) {
+      for (Index e = 0; e < nk * nr; ++e) d[e] = pol.logit(d[e]);
+    }
+    if (a.bias)
+      for (Index r = 0; r < nr; ++r) {
+        const T* br = a.bias.row(b, h, i0 + r) + j0 * a.bias.sk;
+        for (Index k = 0; k < nk; ++k) d[k * nr + r] = pol.add_bias(d[k * nr + r], br[k * a.bias.sk]);
+      }
+    fill_masked(b, h, i0, j0, nk, nr, d, Policy::mask_value());
+  }
+  // Zeroes the entries of a transposed tile t [keys j0.., rows i0..] that are masked.
+  template <class M>
+  void zero_masked_transposed(Index b, Index h, Index i0, Index j0, M& t) const {
+    fill_masked(b, h, i0, j0, t.rows(), t.cols(), t.data(), C(0));
+  }
+  // d[k * nr + r] = x where (row i0 + r, key j0 + k) is masked (the mask, or outside the
+  // row's band).
+  void fill_masked(Index b, Index h, Index i0, Index j0, Index nk, Index nr, C* d, C x) const {
+    if (a.mask)
+      for (Index r = 0; r < nr; ++r) {
+        const bool* mr = a.mask.row(b, h, i0 + r) + j0 * a.mask.sk;
+        for (Index k = 0; k < nk; ++k)
+          if (!mr[k * a.mask.sk]) d[k * nr + r] = x;
+      }
+    // The band: nothing when every row sees every key of the tile (both ends of a band are
+    // non-decreasing in the row); else, for chunks of rows, each key's row of the tile
+    // (contiguous) filled where it lies outside [lo, hi) (an empty band: everywhere).
+    if (a.banded() && nr > 0 && !(a.band_begin(i0 + nr - 1) <= j0 && a.band_end(b, i0) >= j0 + nk)) {
+      constexpr Index R = 64;
+      Index lo[R], hi[R];
+      for (Index rc = 0; rc < nr; rc += R) {
+        const Index n = std::min(R, nr - rc);
+        for (Index r = 0; r < n; ++r) {
+          const auto [l, e] = band(b, i0 + rc + r);
+          lo[r] = l - j0;
+          hi[r] = e - j0;
+        }
+        for (Index k = 0; k < nk; ++k) {
+          C* row = d + k * nr + rc;
+          for (Index r = 0; r < n; ++r)
+            if (k < lo[r] || k >= hi[r]) row[r] = x;
+        }
       }
     }
   }
   bool masked(Index b, Index h, Index i, Index j) const {
-    return causal_masked(i, j) || (a.mask && !a.mask.row(b, h, i)[j * a.mask.sk]);
+    return band_masked(b, i, j) || (a.mask && !a.mask.row(b, h, i)[j * a.mask.sk]);
   }
   // Whether every logit of the tile rows [i0, i0 + ni) x keys [j0, j0 + nj) is masked
-  // (causal or mask), so that its weights are exp(mask_value - m) = 0 unless a row's max m
-  // is itself near the mask value (a row masked everywhere; see Policy::masked_vanish).
+  // (outside each row's band, or by the mask), so that its weights are
+  // exp(mask_value - m) = 0 unless a row's max m is itself near the mask value (a row
+  // masked everywhere; see Policy::masked_vanish).
   bool tile_masked(Index b, Index h, Index i0, Index ni, Index j0, Index nj) const {
-    if (a.causal && j0 > i0 + ni - 1 + a.causal_offset) return true;
-    if (!a.mask) return false;
     for (Index i = i0; i < i0 + ni; ++i) {
-      const bool* mr = a.mask.row(b, h, i) + j0 * a.mask.sk;
-      // the causal part is masked already
-      const Index jn = a.causal ? std::min(nj, i + 1 + a.causal_offset - j0) : nj;
-      for (Index j = 0; j < jn; ++j)
+      const auto [blo, bhi] = band(b, i);
+      const Index lo = std::max(j0, blo), hi = std::min(j0 + nj, bhi);
+      if (lo >= hi) continue;  // the row sees none of the tile's keys
+      if (!a.mask) return false;
+      const bool* mr = a.mask.row(b, h, i);
+      for (Index j = lo; j < hi; ++j)
         if (mr[j * a.mask.sk]) return false;
-      if (a.mask.sq == 0) break;  // every row reads the same mask row
+      if (a.mask.sq == 0 && !a.banded()) break;  // every row reads the same mask row and band
     }
     return true;
   }
@@ -222,7 +273,7 @@ void attention_backward_reference(const AttentionProblem<typename Policy::elemen
                                   typename Policy::accum_type* dbias) {
   using T = typename Policy::element_type;
   using C = typename Policy::accum_type;
-  LINEN_ASSERT(!a.has_index_rules());  // GQA, windows, lengths: the forward's alone (no backward yet)
+  LINEN_ASSERT(!a.has_index_rules());  // GQA, windows, lengths: the fused backward's alone
   const BackwardLogits<Policy> lg(a);
   const Policy& pol = lg.pol;
   RowMat<C> qs, kc, vc, go, s, p, dp, m;
@@ -268,12 +319,12 @@ void attention_backward_reference(const AttentionProblem<typename Policy::elemen
         C delta = 0;
         for (Index j = 0; j < a.Lk; ++j) delta += p(i, j) * row[j];
         for (Index j = 0; j < a.Lk; ++j) row[j] = lg.masked(b, h, i, j) ? C(0) : p(i, j) * (row[j] - delta);
-        if constexpr (Policy::kScalesLogits)
-          for (Index j = 0; j < a.Lk; ++j) row[j] *= pol.logit_derivative();
-        if (dbias) {
+        if (dbias) {  // (the cotangent where the bias meets the logits: after the scale)
           C* db = dbias + a.bias.offset(b, h, i);
           for (Index j = 0; j < a.Lk; ++j) db[j * a.bias.sk] += row[j];
         }
+        if constexpr (Policy::kScalesLogits)
+          for (Index j = 0; j < a.Lk; ++j) row[j] *= pol.logit_derivative();
       }
       // dp now holds dS, the cotangent of the logits.
       m.noalias() = dp * kc;
@@ -299,18 +350,33 @@ inline void tile_product(Index M, Index N, Index K, const simd::scalar_t<P>* A, 
 }
 
 // ---------------------------------------------------------------------------------------
-// Fused backward. Work units are (b, h, key group): each owns its key rows' dK, dV and
-// walks all query tiles, recomputing S = q.k^T and P = exp(S - m) / l from the forward's
-// row statistics, then (FlashAttention-2)
+// Fused backward. Work units are (b, kv head, key group): each owns its key rows' dK, dV
+// and, for each of its key tiles, walks every query head of the kv head's group (the
+// kv_group heads reading it; one head without GQA) and their query tiles, recomputing
+// S = q.k^T and P = exp(S - m) / l from the forward's row statistics, then
+// (FlashAttention-2)
 //   dV_j += P'^T dO_i,  dP = (dO_i V_j^T) * keep * multiplier,
 //   dS = P * (dP - delta_i) with delta_i = rowsum(dO_i * O_i),
-//   dK_j += dS^T qs_i,  dQ_i += dS K_j.
+//   dK_j += dS^T qs_i,  dQ_i += dS K_j,
+// so that dK and dV are summed over the group inside one unit (no two units meet there)
+// and each K, V tile is loaded once for its whole group.
+// Index rules (problem.hpp): a tile whose entries are all outside their rows' bands
+// (causal, window, key lengths) or masked is skipped, unless a row of it has its max near
+// the mask value (a fully masked row is uniform over all keys: its weights reach every
+// value, as jax.nn's and Flax's finite fills make it); masked entries get dS = 0. Query
+// rows past q_len[b] are not visited: their output is 0 times the row, so no cotangent
+// reaches the row (dq 0, nothing to dk, dv, dbias).
 // Tiles are held transposed, [keys, query rows], so that SIMD lanes run over query rows:
 // the per-row m, l and delta are vectors, and all five products are tile_product over
-// operands in place (q and dO are transposed once per head, O(Lq) memory).
-// Heads are split into key groups only when there are fewer heads than workers; each
-// group then adds dQ into its own copy, summed in a fixed order afterwards, so results do
-// not depend on scheduling.
+// operands in place (q and dO are transposed once per head, O(Lq) memory per head of the
+// group).
+// The split: units are cut into `slots` of consecutive units, each slot run start to end
+// by one worker. Heads are split into key groups only when there are fewer (batch, kv
+// head) pairs than slots; each group then adds dQ into its own copy, and a bias gradient
+// that two slots may meet is accumulated per slot; both are summed in a fixed order
+// afterwards. With a.backward_fixed_split, slots and key groups follow from the problem
+// alone (kBackwardFixedSlots), so results are equal for every thread count; otherwise
+// (the Flax path's split, as its golden gradients were made) one slot per worker.
 //   out: the forward's output in C (the output's strides; fused_attention's out_acc for
 //   half types); row_max, row_sum: [B, H, Lq] (fused_attention's);
 //   dbias: null, or a zeroed accumulator of the bias's own shape.
@@ -329,12 +395,17 @@ void attention_backward_kernel(const AttentionProblem<typename Policy::element_t
   const BackwardLogits<Policy> lg(a);
   const Policy& pol = lg.pol;
   Eigen::ThreadPoolInterface* pool = a.pool;
-  const Index BH = a.B * a.H;
+  const Index G = a.kv_group;
+  LINEN_ASSERT(G >= 1 && a.H % G == 0);
+  const Index HK = a.H / G;   // kv heads
+  const Index BK = a.B * HK;  // (batch, kv head) pairs
   const Index nkt = a.Lk == 0 ? 0 : (a.Lk + block_k - 1) / block_k;
   const int avail = pool_workers(pool);
-  const Index groups = (BH >= avail || nkt == 0) ? 1 : std::min<Index>(nkt, (avail + BH - 1) / BH);
-  const Index units = BH * groups;
-  const int workers = static_cast<int>(std::min<Index>(avail, std::max<Index>(units, 1)));
+  const Index target = a.backward_fixed_split ? Index{kBackwardFixedSlots} : Index{avail};
+  const Index groups = (BK >= target || nkt == 0) ? 1 : std::min<Index>(nkt, (target + BK - 1) / BK);
+  const Index units = BK * groups;
+  const int slots = static_cast<int>(std::min<Index>(target, std::max<Index>(units, 1)));
+  const int workers = std::min(avail, slots);
   const Index HD = a.H * a.D;
   const Index q_size = a.B * a.Lq * HD;  // dq accumulators: [groups][B, Lq, H, D]
   BackwardScratch<C> local;  // when the caller keeps none: this call's
@@ -342,21 +413,26 @@ void attention_backward_kernel(const AttentionProblem<typename Policy::element_t
   scratch.dq_acc.assign(static_cast<std::size_t>(groups * q_size), C(0));
   C* const dq_acc = scratch.dq_acc.data();
 
-  // dbias: straight into the caller's accumulator when no two workers can meet there,
-  // else one private accumulator per extra worker, summed in worker order at the end.
+  // dbias: straight into the caller's accumulator when no two slots can meet there, else
+  // one private accumulator per extra slot, summed in slot order at the end.
   const Index bias_size = dbias ? a.bias.size : 0;
-  const bool shared_bias = dbias && workers > 1 && !view_rows_disjoint(a.bias, a.B, a.H, a.Lk, groups > 1);
-  scratch.bias_private.assign(shared_bias ? static_cast<std::size_t>((workers - 1) * bias_size) : 0, C(0));
+  const bool shared_bias = dbias && slots > 1 && !view_rows_disjoint(a.bias, a.B, a.H, a.Lk, groups > 1);
+  scratch.bias_private.assign(shared_bias ? static_cast<std::size_t>((slots - 1) * bias_size) : 0, C(0));
   C* const bias_private = scratch.bias_private.data();
 
   const C dq_scale = pol.query_derivative();
   const auto round_weight = [&pol](C x) { return pol.weight(x); };
   const Index ldt = a.Lq + 64 / static_cast<Index>(sizeof(C));  // row stride of the transposed q, dO
-  // Each worker's matrices, carved from its kept buffer: the head's q and dO (both ways
-  // round), delta and 1/l, and its tiles (at most bk keys by bq query rows).
+  // Each worker's matrices, carved from its kept buffer: for each head of a group its q and
+  // dO (both ways round), delta and 1/l (the group's heads side by side); its tiles (at
+  // most bk keys by bq query rows).
   const Index bq = std::min(block_q, a.Lq), bk = std::min(block_k, a.Lk);
-  KeptMatrices<C> layout;
-  for (const Index n : {a.Lq * a.D, a.D * ldt, a.Lq * a.Dv, a.Dv * ldt, a.Lq, a.Lq, bk * a.D, bk * a.Dv, bk * a.D,
+  using Kept = KeptMatrices<C>;
+  const Index s_qs = static_cast<Index>(Kept::rounded(a.Lq * a.D)), s_qt = static_cast<Index>(Kept::rounded(a.D * ldt));
+  const Index s_go = static_cast<Index>(Kept::rounded(a.Lq * a.Dv)), s_gt = static_cast<Index>(Kept::rounded(a.Dv * ldt));
+  const Index s_row = static_cast<Index>(Kept::rounded(a.Lq));
+  Kept layout;
+  for (const Index n : {G * s_qs, G * s_qt, G * s_go, G * s_gt, G * s_row, G * s_row, bk * a.D, bk * a.Dv, bk * a.D,
                         bk * a.Dv, bk * bq, bk * bq, bk * bq, bk * bq})
     layout.reserve(n);
   if (scratch.workers.size() < static_cast<std::size_t>(workers)) scratch.workers.resize(static_cast<std::size_t>(workers));
@@ -364,12 +440,14 @@ void attention_backward_kernel(const AttentionProblem<typename Policy::element_t
   using VecMap = Eigen::Map<Vec, Eigen::AlignedMax>;
 
   run_workers(pool, workers, [&](int w) {
-    C* my_bias = !dbias ? nullptr : (shared_bias && w > 0 ? bias_private + (w - 1) * bias_size : dbias);
-    KeptMatrices<C> mats = layout;
+    Kept mats = layout;
     mats.start(scratch.workers[static_cast<std::size_t>(w)]);
-    Mat qs(mats.carve(a.Lq * a.D), a.Lq, a.D), qt(mats.carve(a.D * ldt), a.D, ldt);
-    Mat go(mats.carve(a.Lq * a.Dv), a.Lq, a.Dv), gt(mats.carve(a.Dv * ldt), a.Dv, ldt);
-    VecMap delta(mats.carve(a.Lq), a.Lq), inv_l(mats.carve(a.Lq), a.Lq);
+    C* const qs_p = mats.carve(G * s_qs);
+    C* const qt_p = mats.carve(G * s_qt);
+    C* const go_p = mats.carve(G * s_go);
+    C* const gt_p = mats.carve(G * s_gt);
+    C* const delta_p = mats.carve(G * s_row);
+    C* const inv_l_p = mats.carve(G * s_row);
     C* const kc_p = mats.carve(bk * a.D);
     C* const vc_p = mats.carve(bk * a.Dv);
     C* const dkj_p = mats.carve(bk * a.D);
@@ -378,86 +456,104 @@ void attention_backward_kernel(const AttentionProblem<typename Policy::element_t
     C* const pt_p = mats.carve(bk * bq);
     C* const dst_p = mats.carve(bk * bq);
     C* const keep_p = mats.carve(bk * bq);
-    const auto [u0, u1] = share(units, workers, w);
-    Index loaded_bh = -1;
-    for (Index u = u0; u < u1; ++u) {
-      const Index bh = u / groups, g = u % groups, b = bh / a.H, h = bh % a.H;
-      if (bh != loaded_bh) {  // the head's queries and output cotangent (both ways round), delta
-        lg.load_query(b, h, 0, a.Lq, qs.data());
-        lg.load_dout(dout, b, h, go.data());
-        // Transposed with a padded row stride: at a power-of-two Lq the rows of a plain
-        // transpose would all fall into the same cache sets.
-        qt.leftCols(a.Lq) = qs.transpose();
-        gt.leftCols(a.Lq) = go.transpose();
-        for (Index i = 0; i < a.Lq; ++i) {
-          const C* o = out + b * a.o_sb + i * a.o_sl + h * a.o_sh;
-          C sum = 0;
-          for (Index c = 0; c < a.Dv; ++c) sum += go(i, c) * o[c];
-          delta(i) = sum;
-          inv_l(i) = C(1) / row_sum[bh * a.Lq + i];
-        }
-        loaded_bh = bh;
-      }
-      const C* mrow = row_max + bh * a.Lq;
-      const Index kt0 = nkt * g / groups, kt1 = nkt * (g + 1) / groups;
-      for (Index tile = kt0; tile < kt1; ++tile) {
-        const Index j0 = tile * block_k, nj = std::min(block_k, a.Lk - j0);
-        Mat kc(kc_p, nj, a.D), vc(vc_p, nj, a.Dv);
-        lg.load_keys(b, h, j0, nj, kc.data());
-        lg.load_values(b, h, j0, nj, vc.data());
-        Mat dkj(dkj_p, nj, a.D), dvj(dvj_p, nj, a.Dv);
-        dkj.setZero();
-        dvj.setZero();
-        for (Index i0 = 0; i0 < a.Lq; i0 += block_q) {
-          const Index ni = std::min(block_q, a.Lq - i0);
-          if (lg.tile_masked(b, h, i0, ni, j0, nj) &&
-              std::all_of(mrow + i0, mrow + i0 + ni, [](C m) { return Policy::masked_vanish(m); }))
-            continue;  // every weight of the tile is 0 and every dS is masked
-          const Eigen::Map<const Vec> m_i(mrow + i0, ni);
-          const auto l_i = inv_l.segment(i0, ni);
-          const auto delta_i = delta.segment(i0, ni);
-          // S^T = K_j qs_i^T, then P^T = exp(S^T - m) / l, as the forward normalised it
-          Mat st(st_p, nj, ni), pt(pt_p, nj, ni), keep(keep_p, nj, ni), dst(dst_p, nj, ni);
-          tile_product<P>(nj, ni, a.D, kc.data(), a.D, 1, qt.data() + i0, ldt, st.data(), ni, false);
-          if (lg.finishes()) lg.finish_transposed(b, h, i0, j0, st);
-          for (Index k = 0; k < nj; ++k) st.row(k).array() = (st.row(k).array() - m_i).exp() * l_i;
-          if (pol.rounds_weights()) st = st.unaryExpr(round_weight);
-          const Mat* pd = &st;  // P'^T, what multiplied the values
-          if (a.keep) {
-            for (Index r = 0; r < ni; ++r) {
-              const bool* kr = lg.keep_row(b, h, i0 + r);
-              for (Index k = 0; k < nj; ++k) keep(k, r) = kr[(j0 + k) * lg.keep_sk()] ? pol.keep_scale() : C(0);
+    const auto [s0, s1] = share(slots, workers, w);
+    for (Index slot = s0; slot < s1; ++slot) {
+      C* my_bias = !dbias ? nullptr : (shared_bias && slot > 0 ? bias_private + (slot - 1) * bias_size : dbias);
+      const auto [u0, u1] = share(units, slots, static_cast<int>(slot));
+      Index loaded = -1;
+      for (Index u = u0; u < u1; ++u) {
+        const Index bkv = u / groups, g = u % groups, b = bkv / HK, kh = bkv % HK;
+        const Index rows = a.q_rows(b);  // the rows past q_len[b] take no part
+        if (bkv != loaded) {  // the group's queries and output cotangents (both ways round), delta
+          for (Index hh = 0; hh < G; ++hh) {
+            const Index h = kh * G + hh;
+            Mat qs(qs_p + hh * s_qs, a.Lq, a.D), qt(qt_p + hh * s_qt, a.D, ldt);
+            Mat go(go_p + hh * s_go, a.Lq, a.Dv), gt(gt_p + hh * s_gt, a.Dv, ldt);
+            VecMap delta(delta_p + hh * s_row, a.Lq), inv_l(inv_l_p + hh * s_row, a.Lq);
+            lg.load_query(b, h, 0, a.Lq, qs.data());
+            lg.load_dout(dout, b, h, go.data());
+            // Transposed with a padded row stride: at a power-of-two Lq the rows of a plain
+            // transpose would all fall into the same cache sets.
+            qt.leftCols(a.Lq) = qs.transpose();
+            gt.leftCols(a.Lq) = go.transpose();
+            for (Index i = 0; i < rows; ++i) {
+              const C* o = out + b * a.o_sb + i * a.o_sl + h * a.o_sh;
+              C sum = 0;
+              for (Index c = 0; c < a.Dv; ++c) sum += go(i, c) * o[c];
+              delta(i) = sum;
+              inv_l(i) = C(1) / row_sum[(b * a.H + h) * a.Lq + i];
             }
-            pt.array() = st.array() * keep.array();
-            if (pol.rounds_weights()) pt = pt.unaryExpr(round_weight);
-            pd = &pt;
           }
-          // dV_j += P'^T dO_i
-          tile_product<P>(nj, a.Dv, ni, pd->data(), ni, 1, go.data() + i0 * a.Dv, a.Dv, dvj.data(), a.Dv, true);
-          // dP^T = V_j dO_i^T (times the keep factors), dS^T = P^T * (dP^T - delta)
-          tile_product<P>(nj, ni, a.Dv, vc.data(), a.Dv, 1, gt.data() + i0, ldt, dst.data(), ni, false);
-          if (a.keep) dst.array() *= keep.array();
-          for (Index k = 0; k < nj; ++k) dst.row(k).array() = st.row(k).array() * (dst.row(k).array() - delta_i);
-          if (lg.masks())
-            for (Index r = 0; r < ni; ++r)
-              for (Index k = 0; k < nj; ++k)
-                if (lg.masked(b, h, i0 + r, j0 + k)) dst(k, r) = C(0);
-          if constexpr (Policy::kScalesLogits) dst *= pol.logit_derivative();
-          if (my_bias)
-            for (Index r = 0; r < ni; ++r) {
-              C* db = my_bias + a.bias.offset(b, h, i0 + r) + j0 * a.bias.sk;
-              for (Index k = 0; k < nj; ++k) db[k * a.bias.sk] += dst(k, r);
-            }
-          // dK_j += dS^T qs_i;  dQ_i += dS K_j
-          tile_product<P>(nj, a.D, ni, dst.data(), ni, 1, qs.data() + i0 * a.D, a.D, dkj.data(), a.D, true);
-          tile_product<P>(ni, a.D, nj, dst.data(), 1, ni, kc.data(), a.D,
-                          dq_acc + g * q_size + (b * a.Lq + i0) * HD + h * a.D, HD, true);
+          loaded = bkv;
         }
-        for (Index j = 0; j < nj; ++j) {
-          T* kd = dk + b * a.k_sb + (j0 + j) * a.k_sl + h * a.k_sh;
-          for (Index c = 0; c < a.D; ++c) kd[c] = static_cast<T>(dkj(j, c));
-          T* vd = dv + b * a.v_sb + (j0 + j) * a.v_sl + h * a.v_sh;
-          for (Index c = 0; c < a.Dv; ++c) vd[c] = static_cast<T>(dvj(j, c));
+        const Index kt0 = nkt * g / groups, kt1 = nkt * (g + 1) / groups;
+        for (Index tile = kt0; tile < kt1; ++tile) {
+          const Index j0 = tile * block_k, nj = std::min(block_k, a.Lk - j0);
+          Mat kc(kc_p, nj, a.D), vc(vc_p, nj, a.Dv);
+          lg.load_keys(b, kh, j0, nj, kc.data());  // (K and V's strides address kv heads)
+          lg.load_values(b, kh, j0, nj, vc.data());
+          Mat dkj(dkj_p, nj, a.D), dvj(dvj_p, nj, a.Dv);
+          dkj.setZero();
+          dvj.setZero();
+          for (Index hh = 0; hh < G; ++hh) {
+            const Index h = kh * G + hh, bh = b * a.H + h;
+            const C* const qs = qs_p + hh * s_qs;
+            const C* const qt = qt_p + hh * s_qt;
+            const C* const go = go_p + hh * s_go;
+            const C* const gt = gt_p + hh * s_gt;
+            const VecMap inv_l(inv_l_p + hh * s_row, a.Lq), delta(delta_p + hh * s_row, a.Lq);
+            const C* mrow = row_max + bh * a.Lq;
+            for (Index i0 = 0; i0 < rows; i0 += block_q) {
+              const Index ni = std::min(block_q, rows - i0);
+              if (lg.tile_masked(b, h, i0, ni, j0, nj) &&
+                  std::all_of(mrow + i0, mrow + i0 + ni, [](C m) { return Policy::masked_vanish(m); }))
+                continue;  // every weight of the tile is 0 and every dS is masked
+              const Eigen::Map<const Vec> m_i(mrow + i0, ni);
+              const auto l_i = inv_l.segment(i0, ni);
+              const auto delta_i = delta.segment(i0, ni);
+              // S^T = K_j qs_i^T, then P^T = exp(S^T - m) / l, as the forward normalised it
+              Mat st(st_p, nj, ni), pt(pt_p, nj, ni), keep(keep_p, nj, ni), dst(dst_p, nj, ni);
+              tile_product<P>(nj, ni, a.D, kc.data(), a.D, 1, qt + i0, ldt, st.data(), ni, false);
+              if (lg.finishes()) lg.finish_transposed(b, h, i0, j0, st);
+              for (Index k = 0; k < nj; ++k) st.row(k).array() = (st.row(k).array() - m_i).exp() * l_i;
+              if (pol.rounds_weights()) st = st.unaryExpr(round_weight);
+              const Mat* pd = &st;  // P'^T, what multiplied the values
+              if (a.keep) {
+                for (Index r = 0; r < ni; ++r) {
+                  const bool* kr = lg.keep_row(b, h, i0 + r);
+                  for (Index k = 0; k < nj; ++k) keep(k, r) = kr[(j0 + k) * lg.keep_sk()] ? pol.keep_scale() : C(0);
+                }
+                pt.array() = st.array() * keep.array();
+                if (pol.rounds_weights()) pt = pt.unaryExpr(round_weight);
+                pd = &pt;
+              }
+              // dV_j += P'^T dO_i
+              tile_product<P>(nj, a.Dv, ni, pd->data(), ni, 1, go + i0 * a.Dv, a.Dv, dvj.data(), a.Dv, true);
+              // dP^T = V_j dO_i^T (times the keep factors), dS^T = P^T * (dP^T - delta)
+              tile_product<P>(nj, ni, a.Dv, vc.data(), a.Dv, 1, gt + i0, ldt, dst.data(), ni, false);
+              if (a.keep) dst.array() *= keep.array();
+              for (Index k = 0; k < nj; ++k) dst.row(k).array() = st.row(k).array() * (dst.row(k).array() - delta_i);
+              if (lg.masks()) lg.zero_masked_transposed(b, h, i0, j0, dst);
+              // dS is the cotangent of the logits after the scale, where the bias meets
+              // them: dbias takes it as it is, the product's cotangent times the scale.
+              if (my_bias)
+                for (Index r = 0; r < ni; ++r) {
+                  C* db = my_bias + a.bias.offset(b, h, i0 + r) + j0 * a.bias.sk;
+                  for (Index k = 0; k < nj; ++k) db[k * a.bias.sk] += dst(k, r);
+                }
+              if constexpr (Policy::kScalesLogits) dst *= pol.logit_derivative();
+              // dK_j += dS^T qs_i;  dQ_i += dS K_j
+              tile_product<P>(nj, a.D, ni, dst.data(), ni, 1, qs + i0 * a.D, a.D, dkj.data(), a.D, true);
+              tile_product<P>(ni, a.D, nj, dst.data(), 1, ni, kc.data(), a.D,
+                              dq_acc + g * q_size + (b * a.Lq + i0) * HD + h * a.D, HD, true);
+            }
+          }
+          for (Index j = 0; j < nj; ++j) {
+            T* kd = dk + b * a.k_sb + (j0 + j) * a.k_sl + kh * a.k_sh;
+            for (Index c = 0; c < a.D; ++c) kd[c] = static_cast<T>(dkj(j, c));
+            T* vd = dv + b * a.v_sb + (j0 + j) * a.v_sl + kh * a.v_sh;
+            for (Index c = 0; c < a.Dv; ++c) vd[c] = static_cast<T>(dvj(j, c));
+          }
         }
       }
     }
@@ -480,8 +576,8 @@ void attention_backward_kernel(const AttentionProblem<typename Policy::element_t
           dst[c] = static_cast<T>(sum * dq_scale);
         }
       }
-  for (int w = 1; shared_bias && w < workers; ++w) {
-    const C* src = bias_private + (w - 1) * bias_size;
+  for (int slot = 1; shared_bias && slot < slots; ++slot) {
+    const C* src = bias_private + (slot - 1) * bias_size;
     for (Index e = 0; e < bias_size; ++e) dbias[e] += src[e];
   }
 }
@@ -496,7 +592,6 @@ void attention_backward_fused(const AttentionProblem<typename Policy::element_ty
                               typename Policy::element_type* dq, typename Policy::element_type* dk,
                               typename Policy::element_type* dv, typename Policy::accum_type* dbias, Index block_q,
                               Index block_k) {
-  LINEN_ASSERT(!a.has_index_rules());  // GQA, windows, lengths: the forward's alone (no backward yet)
   if constexpr (std::is_same_v<P, dispatch::TargetPacket>) {
 #if defined(LINEN_DISPATCH)
     dispatch::call<dispatch::Backward<Policy>>(a, out, row_max, row_sum, dout, dq, dk, dv, dbias, block_q, block_k);

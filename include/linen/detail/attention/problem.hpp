@@ -153,7 +153,8 @@ struct AttentionProblem {
   // policy's scale: jax.nn's `logits *= jnp.array(scale, logits.dtype)`; Flax: unused).
   accum_t<T> logit_scale = 1;
   // Index rules beyond Flax's (jax.nn.dot_product_attention's), read by the forward kernels
-  // under any policy; every one off by default. The backward does not take them.
+  // and the fused backward under any policy; every one off by default (the reference
+  // backward does not take them).
   //   kv_group: grouped-query attention. K and V have H / kv_group heads (their strides
   //     address kv heads); query head h reads kv head h / kv_group. No copy is made.
   //   windowed: a key band, key j visible to query i only if
@@ -179,6 +180,10 @@ struct AttentionProblem {
   // the contiguous path, so a paged problem's result is the contiguous one's bit for bit.
   const std::int32_t* block_table = nullptr;
   Index table_stride = 0, block_size = 0;
+  // The fused backward splits its work by the problem alone (attention/backward.hpp:
+  // results equal for every thread count; jax_nn's vjp); false: one part per thread of
+  // `pool` (the Flax path's split, kept as its gradients were made).
+  bool backward_fixed_split = false;
   // Runs the work items on pool->NumThreads() threads, the calling thread being one of
   // them; null: the calling thread only.
   Eigen::ThreadPoolInterface* pool = nullptr;
