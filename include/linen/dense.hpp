@@ -53,8 +53,9 @@ void round_rows(const C* acc, Index m, Index out, const B* bias, T* y) {
 // acc[m, out] = x[m, in] . kernel[in, out], both already promoted (cast to T, held in C),
 // by rows (by_row: gemm::multiply_rows, the decode step's GEMV) or with the GEMM; then
 // round_rows. DenseGeneral::apply_rows and the decode step's kept kernels
-// (decode/workspace.hpp) both end here, or, for bfloat16 where gemm::pair_products(), in
-// gemm::multiply_pairs / multiply_pair_panels (the same bits) and round_rows.
+// (decode/workspace.hpp) both end here, or, for bfloat16, in gemm::multiply_pairs (where
+// gemm::pair_gemm()) / multiply_pair_panels (where gemm::pair_products(): the decode
+// step's) with the same bits, and round_rows.
 template <class T, class C, class B>
 void promoted_rows(const C* x, const C* kernel, Index m, Index in, Index out, const B* bias, C* acc, T* y,
                    bool by_row, Eigen::ThreadPoolInterface* pool) {
@@ -207,9 +208,9 @@ class DenseGeneral {
       detail::DenseScratch<C> local;
       detail::DenseScratch<C>& s = scratch ? *scratch : local;
       if constexpr (std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<C, float>) {
-        if (detail::gemm::pair_products()) {
-          // bfloat16 operands multiplied in pairs (vdpbf16ps); by_row too: the GEMM gives
-          // the GEMV's bits.
+        if (detail::gemm::pair_gemm()) {
+          // bfloat16 operands multiplied in pairs (vdpbf16ps) where that is the faster
+          // product (product.hpp); by_row too: the GEMM gives the GEMV's bits.
           const Eigen::bfloat16* xb = detail::as_bf16(x, m * in, s.xb);
           const Eigen::bfloat16* kb = detail::as_bf16(kernel, in * out, s.kernelb);
           s.acc.resize(static_cast<std::size_t>(m * out));

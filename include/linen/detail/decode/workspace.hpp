@@ -89,7 +89,8 @@ struct KeptKernel {
 // for bfloat16 activations and float32 params the promotion read and wrote twice the
 // kernel's bytes per step, more than the product. bfloat16 where gemm::pair_products()
 // keeps the kernel rounded to bfloat16 in pair panels and multiplies with the pair GEMV
-// (half the bytes of a float kernel; the bits of apply's pair GEMM). Types that need no
+// (half the bytes of a float kernel; the bits of apply's product), except for chunks of
+// more than kGemvMaxRows rows where gemm::pair_gemm() is false. Types that need no
 // promotion go to apply_rows itself.
 template <class Dense, class T, class I, class Params>
 void kept_rows(KeptKernel<accum_t<T>>& kept, const Params& p, bool use_bias, const I* x, Index m, T* y,
@@ -105,7 +106,16 @@ void kept_rows(KeptKernel<accum_t<T>>& kept, const Params& p, bool use_bias, con
     const ParamT* k = p.kernel.data();
     const Index n = in * out;
     bool pairs = false;
-    if constexpr (std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<C, float>) pairs = gemm::pair_products();
+    if constexpr (std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<C, float>) {
+      pairs = gemm::pair_products();
+      // A chunk of many rows is compute-bound: where the pair GEMM is the slower product
+      // (gemm::pair_gemm), DenseGeneral's own (the float GEMM, the same bits); the kept
+      // panels stay for the next step.
+      if (pairs && m > gemm::kGemvMaxRows && !gemm::pair_gemm()) {
+        Dense::template apply_rows<I>(p, use_bias, x, m, y, &s, true, pool);
+        return;
+      }
+    }
     if (!kept.holds(k, n) || kept.pairs != pairs) {
       if (pairs) {
         if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
