@@ -15,12 +15,9 @@
 //       whether the bfloat16 pair products below run (vdpbf16ps: with linen::dispatch,
 //       the active level is avx512_bf16; header-only, this translation unit targets it)
 //   pair_gemm()
-//       whether DenseGeneral's bfloat16 GEMM takes multiply_pairs: pair_products() on an
-//       AMD CPU. On an Intel Xeon with avx512_bf16 (Sapphire Rapids class, KVM guest) the
-//       pair tile ran at 0.53-0.60x the float tile and the pair GEMM at 0.66-0.70x linen's
-//       float GEMM (vdpbf16ps there issues at about a quarter of the FMA rate, 2 products
-//       each), so Intel keeps the float GEMM of the widened operands (the same bits); the
-//       pair GEMV over kept panels, memory-bound, gained 1.4-2.7x there and runs wherever
+//       whether DenseGeneral's bfloat16 GEMM takes multiply_pairs: pair_products() where
+//       they are the faster product (pair_preference.hpp: AMD; elsewhere the float GEMM of
+//       the widened operands, the same bits); the decode step's pair GEMV runs wherever
 //       pair_products()
 //   multiply_pairs(M, N, K, A, lda, B, ldb, C, ldc, pool)
 //       C[M, N] (float) = A[M, K] B[K, N], both bfloat16 (gemm/pairs.hpp's gemm_pairs)
@@ -48,6 +45,7 @@
 #include "../dispatch.hpp"
 #include "gemm.hpp"
 #include "gemv.hpp"
+#include "pair_preference.hpp"
 #include "pairs.hpp"
 #if defined(LINEN_HAS_CBLAS)
 #include "cblas.hpp"
@@ -129,17 +127,7 @@ inline bool pair_products() {
 #endif
 }
 
-inline bool pair_gemm() {
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
-  static const bool amd = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_is("amd") != 0;
-  }();
-  return amd && pair_products();
-#else
-  return false;
-#endif
-}
+inline bool pair_gemm() { return pairs_preferred() && pair_products(); }
 
 // Callers check pair_products() first.
 inline void multiply_pairs(Index M, Index N, Index K, const Eigen::bfloat16* A, Index lda, const Eigen::bfloat16* B,
