@@ -221,7 +221,9 @@ BENCHMARK(BM_self_attention_decode_step)
     ->Args({4096, 512, 8, 32})
     ->Args({4096, 512, 8, 16})
     ->Args({256, 512, 8, 32})
+    ->Args({256, 512, 8, 16})
     ->Args({256, 2048, 16, 32})
+    ->Args({256, 2048, 16, 16})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 

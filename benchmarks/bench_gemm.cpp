@@ -7,6 +7,12 @@
 //                                 Eigen::ThreadPool of `threads` (1: no pool)
 //   BM_gemm_eigen/M/N/K/threads   Eigen's product (+ bias), rows split over the pool in
 //                                 blocks as the projections did before linen's GEMM
+//   BM_dense_bf16/M/N/K/threads   the same product as DenseGeneral<bfloat16, float32 params>
+//                                 computes it (Flax's dtype=bfloat16): x and the kernel
+//                                 rounded to bfloat16, multiplied in pairs (vdpbf16ps,
+//                                 detail/gemm/pairs.hpp) where the target has avx512_bf16,
+//                                 else widened to float; then rounded with the bias.
+//                                 Compare its time with BM_gemm_linen's row
 //   BM_gemm_cblas/M/N/K/threads   cblas_sgemm (+ bias), only in a LINEN_USE_BLAS build;
 //                                 rows split over the pool the same way (run it with the
 //                                 BLAS library's own threads off: OPENBLAS_NUM_THREADS=1;
@@ -33,6 +39,7 @@
 #include <Eigen/Core>
 #include <unsupported/Eigen/CXX11/ThreadPool>
 
+#include <linen/dense.hpp>
 #include <linen/detail/gemm/gemm.hpp>
 #include <linen/detail/gemm/product.hpp>
 #include <linen/detail/parallel.hpp>
@@ -106,6 +113,22 @@ void BM_gemm_eigen(benchmark::State& state) {
   set_counters(state, p);
 }
 
+void BM_dense_bf16(benchmark::State& state) {
+  using Bf = Eigen::bfloat16;
+  Problem p(state.range(0), state.range(1), state.range(2));
+  const auto pool = make_pool(state.range(3));
+  std::vector<Bf> x(p.a.size()), y(p.c.size());
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<Bf>(p.a[i]);
+  linen::detail::DenseScratch<float> scratch;
+  for (auto _ : state) {
+    linen::DenseGeneral<Bf, float, 1, 1>::multiply_rows<Bf>(p.b.data(), p.bias.data(), p.K, p.N, x.data(), p.M,
+                                                            y.data(), &scratch, false, pool.get());
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, p);
+}
+
 #if defined(LINEN_HAS_CBLAS)
 void BM_gemm_cblas(benchmark::State& state) {
   Problem p(state.range(0), state.range(1), state.range(2));
@@ -138,6 +161,7 @@ void gemm_shapes(benchmark::internal::Benchmark* b) {
 }
 BENCHMARK(BM_gemm_linen)->Apply(gemm_shapes);
 BENCHMARK(BM_gemm_eigen)->Apply(gemm_shapes);
+BENCHMARK(BM_dense_bf16)->Apply(gemm_shapes);
 #if defined(LINEN_HAS_CBLAS)
 BENCHMARK(BM_gemm_cblas)->Apply(gemm_shapes);
 #endif

@@ -26,32 +26,55 @@
 namespace linen {
 namespace detail {
 // Scratch for DenseGeneral::apply_rows with half types (the promoted copies of x, the
-// kernel and the product); reused, it lets repeated calls of one size run without
-// allocating.
+// kernel and the product; for bfloat16 on the pair products, x and the kernel rounded to
+// bfloat16); reused, it lets repeated calls of one size run without allocating.
 template <class C>
 struct DenseScratch {
   std::vector<C> x, kernel, acc;
+  std::vector<Eigen::bfloat16> xb, kernelb;
 };
 
-// The half types' product and rounding (Flax's promote_dtype, then the dot in C = float):
-// acc[m, out] = x[m, in] . kernel[in, out], both already promoted (cast to T, held in C),
-// by rows (by_row: gemm::multiply_rows, the decode step's GEMV) or with the GEMM; then
-// y = T(T(acc) + T(bias)) with the bias (ParamT, null without one) cast as Flax casts it,
-// else y = T(acc). DenseGeneral::apply_rows and the decode step's kept kernels
-// (decode/workspace.hpp) both end here.
+// Flax's rounding of a half type's product: y = T(T(acc) + T(bias)) with the bias (ParamT,
+// null without one) cast as Flax casts it, else y = T(acc); acc[m, out].
 template <class T, class C, class B>
-void promoted_rows(const C* x, const C* kernel, Index m, Index in, Index out, const B* bias, C* acc, T* y,
-                   bool by_row, Eigen::ThreadPoolInterface* pool) {
-  if (by_row) gemm::multiply_rows<C>(m, out, in, x, in, kernel, out, nullptr, acc, out, pool);
-  else gemm::multiply<C>(m, out, in, x, in, kernel, out, nullptr, acc, out, pool);
-  const Index n = m * out;
+void round_rows(const C* acc, Index m, Index out, const B* bias, T* y) {
   if (bias) {
     for (Index r = 0; r < m; ++r)
       for (Index c = 0; c < out; ++c)
         y[r * out + c] =
             static_cast<T>(static_cast<C>(static_cast<T>(acc[r * out + c])) + static_cast<C>(static_cast<T>(bias[c])));
   } else {
+    const Index n = m * out;
     for (Index i = 0; i < n; ++i) y[i] = static_cast<T>(acc[i]);
+  }
+}
+
+// The half types' product and rounding (Flax's promote_dtype, then the dot in C = float):
+// acc[m, out] = x[m, in] . kernel[in, out], both already promoted (cast to T, held in C),
+// by rows (by_row: gemm::multiply_rows, the decode step's GEMV) or with the GEMM; then
+// round_rows. DenseGeneral::apply_rows and the decode step's kept kernels
+// (decode/workspace.hpp) both end here, or, for bfloat16, in gemm::multiply_pairs (where
+// gemm::pair_gemm()) / multiply_pair_panels (where gemm::pair_products(): the decode
+// step's) with the same bits, and round_rows.
+template <class T, class C, class B>
+void promoted_rows(const C* x, const C* kernel, Index m, Index in, Index out, const B* bias, C* acc, T* y,
+                   bool by_row, Eigen::ThreadPoolInterface* pool) {
+  if (by_row) gemm::multiply_rows<C>(m, out, in, x, in, kernel, out, nullptr, acc, out, pool);
+  else gemm::multiply<C>(m, out, in, x, in, kernel, out, nullptr, acc, out, pool);
+  round_rows<T>(acc, m, out, bias, y);
+}
+
+// p (n elements of S) rounded to bfloat16 (as static_cast rounds, Flax's promote_dtype),
+// in place when S is bfloat16 already, else into `copy`.
+template <class S>
+const Eigen::bfloat16* as_bf16(const S* p, Index n, std::vector<Eigen::bfloat16>& copy) {
+  if constexpr (std::is_same_v<S, Eigen::bfloat16>) {
+    (void)n, (void)copy;
+    return p;
+  } else {
+    copy.resize(static_cast<std::size_t>(n));
+    for (Index i = 0; i < n; ++i) copy[static_cast<std::size_t>(i)] = static_cast<Eigen::bfloat16>(p[i]);
+    return copy.data();
   }
 }
 }  // namespace detail
@@ -184,6 +207,18 @@ class DenseGeneral {
       // Flax's promote_dtype: cast inputs and params to T, then compute.
       detail::DenseScratch<C> local;
       detail::DenseScratch<C>& s = scratch ? *scratch : local;
+      if constexpr (std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<C, float>) {
+        if (detail::gemm::pair_gemm()) {
+          // bfloat16 operands multiplied in pairs (vdpbf16ps) where that is the faster
+          // product (product.hpp); by_row too: the GEMM gives the GEMV's bits.
+          const Eigen::bfloat16* xb = detail::as_bf16(x, m * in, s.xb);
+          const Eigen::bfloat16* kb = detail::as_bf16(kernel, in * out, s.kernelb);
+          s.acc.resize(static_cast<std::size_t>(m * out));
+          detail::gemm::multiply_pairs(m, out, in, xb, in, kb, out, s.acc.data(), out, pool);
+          detail::round_rows<T>(s.acc.data(), m, out, bias, y);
+          return;
+        }
+      }
       s.x.resize(static_cast<std::size_t>(m * in));
       s.kernel.resize(static_cast<std::size_t>(in * out));
       s.acc.resize(static_cast<std::size_t>(m * out));

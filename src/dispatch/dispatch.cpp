@@ -11,6 +11,7 @@
 #include <cpuid.h>
 
 #include "linen/detail/dispatch.hpp"
+#include "linen/detail/gemm/pair_preference.hpp"
 #include "linen/errors.hpp"
 #include "linen/isa.hpp"
 
@@ -76,7 +77,24 @@ const Table* table_ptr(Isa level) {
     case Isa::sse2: return linen_dispatch_table_sse2();
     case Isa::avx2: return linen_dispatch_table_avx2();
     case Isa::avx512: return linen_dispatch_table_avx512();
-    case Isa::avx512_bf16: return linen_dispatch_table_avx512_bf16();
+    case Isa::avx512_bf16: {
+      // Where vdpbf16ps is not the faster product (gemm/pair_preference.hpp), the bfloat16
+      // forward kernels of avx512 (K and V widened to float: the same bits on normal
+      // numbers); the pair GEMM and GEMV entries stay (DenseGeneral chooses by
+      // gemm::pair_gemm, the decode step's GEMV is memory-bound).
+      static const Table table = [] {
+        Table t = *linen_dispatch_table_avx512_bf16();
+        if (!pairs_preferred()) {
+          const Table& w = *linen_dispatch_table_avx512();
+          using Flax = Forward<FlaxLogits<Eigen::bfloat16>>;
+          using JaxNn = Forward<JaxNnLogits<Eigen::bfloat16>>;
+          std::get<IndexOf<Flax, Entries>::value>(t) = std::get<IndexOf<Flax, Entries>::value>(w);
+          std::get<IndexOf<JaxNn, Entries>::value>(t) = std::get<IndexOf<JaxNn, Entries>::value>(w);
+        }
+        return t;
+      }();
+      return &table;
+    }
   }
   return nullptr;
 }

@@ -16,11 +16,14 @@
 #error "linen: src/dispatch/ compiles the kernels themselves: LINEN_DISPATCH must not be defined here"
 #endif
 
+#include <type_traits>
+
 #include "linen/detail/attention/backward.hpp"
 #include "linen/detail/dispatch.hpp"
 #include "linen/detail/fused_attention.hpp"
 #include "linen/detail/gemm/gemm.hpp"
 #include "linen/detail/gemm/gemv.hpp"
+#include "linen/detail/gemm/pairs.hpp"
 #include "linen/detail/simd.hpp"
 
 namespace linen {
@@ -67,9 +70,38 @@ struct Impl<dispatch::Gemv<T>> {
   }
 };
 
+// The pair products exist where this level targets avx512_bf16; elsewhere the entries
+// are null (dispatch::available).
+#if LINEN_SIMD_HAS_BF16_DOT
+template <>
+struct Impl<dispatch::GemmPairs> {
+  static void run(Index M, Index K, const Eigen::bfloat16* A, Index lda,
+                  const GemmOutput<float, Eigen::bfloat16>* outs, int count, Eigen::ThreadPoolInterface* pool) {
+    gemm::gemm_pairs(M, K, A, lda, outs, count, pool);
+  }
+};
+template <>
+struct Impl<dispatch::GemvPairs> {
+  static void run(Index M, Index N, Index K, const Eigen::bfloat16* x, Index ldx, const Eigen::bfloat16* panels,
+                  float* y, Index ldy, Eigen::ThreadPoolInterface* pool) {
+    gemm::gemv_pairs(M, N, K, x, ldx, panels, y, ldy, pool);
+  }
+};
+template <class E>
+constexpr typename E::fn entry() {
+  return &Impl<E>::run;
+}
+#else
+template <class E>
+constexpr typename E::fn entry() {
+  if constexpr (std::is_same_v<E, dispatch::GemmPairs> || std::is_same_v<E, dispatch::GemvPairs>) return nullptr;
+  else return &Impl<E>::run;
+}
+#endif
+
 template <class... E>
 dispatch::Table make_table(dispatch::List<E...>) {
-  return dispatch::Table{&Impl<E>::run...};
+  return dispatch::Table{entry<E>()...};
 }
 
 }  // namespace dispatch_level

@@ -72,6 +72,18 @@ struct Gemv {
                       Index ldy, Eigen::ThreadPoolInterface* pool);
 };
 
+// detail::gemm::gemm_pairs and gemv_pairs (gemm/pairs.hpp), the bfloat16 projections'
+// products with vdpbf16ps: only levels whose compiler targets avx512_bf16 have them, the
+// other levels' tables hold null (see available()).
+struct GemmPairs {
+  using fn = void (*)(Index M, Index K, const Eigen::bfloat16* A, Index lda,
+                      const GemmOutput<float, Eigen::bfloat16>* outs, int count, Eigen::ThreadPoolInterface* pool);
+};
+struct GemvPairs {
+  using fn = void (*)(Index M, Index N, Index K, const Eigen::bfloat16* x, Index ldx, const Eigen::bfloat16* panels,
+                      float* y, Index ldy, Eigen::ThreadPoolInterface* pool);
+};
+
 // The entries of each policy (a forward and its backward), and those tied to no policy.
 template <class Policy>
 struct EntriesOf {
@@ -79,7 +91,7 @@ struct EntriesOf {
 };
 template <class Policy>
 using PolicyEntries = typename EntriesOf<Policy>::type;
-using OtherEntries = List<Gemm<float>, Gemm<double>, Gemv<float>, Gemv<double>>;
+using OtherEntries = List<Gemm<float>, Gemm<double>, Gemv<float>, Gemv<double>, GemmPairs, GemvPairs>;
 
 template <class... L>
 struct Concat;
@@ -123,6 +135,13 @@ const Table& table_of(Isa level);
 template <class E, class... A>
 void call(A&&... args) {
   std::get<IndexOf<E, Entries>::value>(active_table())(std::forward<A>(args)...);
+}
+
+// Whether the active level has entry E (a level may hold null for an entry its
+// instruction set lacks: GemmPairs, GemvPairs).
+template <class E>
+bool available() {
+  return std::get<IndexOf<E, Entries>::value>(active_table()) != nullptr;
 }
 
 // Bit i set: the CPU supports level Isa(i) (detected once).

@@ -18,7 +18,8 @@
 #include <Eigen/Core>
 #include <unsupported/Eigen/CXX11/ThreadPool>
 
-#include "../../dense.hpp"  // DenseScratch, promoted_rows
+#include "../../dense.hpp"  // DenseScratch, promoted_rows, round_rows, as_bf16
+#include "../gemm/pair_panels.hpp"
 #include "../../tensor.hpp"
 #include "../fused_attention.hpp"  // RowScratch
 #include "../mask_plan.hpp"
@@ -53,6 +54,11 @@ struct KeptKernel {
   Index size = -1;
   std::array<std::uint64_t, kSamples> samples{};
   std::vector<C> kernel;
+  // bfloat16 where gemm::pair_products(): the kernel rounded once and laid out in pair
+  // panels (gemm/pair_panels.hpp) instead of `kernel`; `pairs` says which one is held (the
+  // active level may change between steps: linen::set_isa).
+  std::vector<Eigen::bfloat16> panels;
+  bool pairs = false;
 
   static Index sample_index(int i, Index n) { return n <= 1 ? 0 : Index(i) * (n - 1) / (kSamples - 1); }
   template <class S>
@@ -81,8 +87,11 @@ struct KeptKernel {
 // gemm::multiply_rows through detail::promoted_rows, the same rounding of the result and
 // the bias), with the kernel's promotion kept in `kept` instead of redone on every step:
 // for bfloat16 activations and float32 params the promotion read and wrote twice the
-// kernel's bytes per step, more than the product. Types that need no promotion go to
-// apply_rows itself.
+// kernel's bytes per step, more than the product. bfloat16 where gemm::pair_products()
+// keeps the kernel rounded to bfloat16 in pair panels and multiplies with the pair GEMV
+// (half the bytes of a float kernel; the bits of apply's product), except for chunks of
+// more than kGemvMaxRows rows where gemm::pair_gemm() is false. Types that need no
+// promotion go to apply_rows itself.
 template <class Dense, class T, class I, class Params>
 void kept_rows(KeptKernel<accum_t<T>>& kept, const Params& p, bool use_bias, const I* x, Index m, T* y,
                DenseScratch<accum_t<T>>& s, Eigen::ThreadPoolInterface* pool = nullptr) {
@@ -96,16 +105,45 @@ void kept_rows(KeptKernel<accum_t<T>>& kept, const Params& p, bool use_bias, con
     for (int i = Dense::kAxes; i < Dense::kAxes + Dense::kFeatures; ++i) out *= p.kernel.dimension(i);
     const ParamT* k = p.kernel.data();
     const Index n = in * out;
-    if (!kept.holds(k, n)) {
-      kept.kernel.resize(static_cast<std::size_t>(n));
-      for (Index i = 0; i < n; ++i) kept.kernel[static_cast<std::size_t>(i)] = static_cast<C>(static_cast<T>(k[i]));
+    bool pairs = false;
+    if constexpr (std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<C, float>) {
+      pairs = gemm::pair_products();
+      // A chunk of many rows is compute-bound: where the pair GEMM is the slower product
+      // (gemm::pair_gemm), DenseGeneral's own (the float GEMM, the same bits); the kept
+      // panels stay for the next step.
+      if (pairs && m > gemm::kGemvMaxRows && !gemm::pair_gemm()) {
+        Dense::template apply_rows<I>(p, use_bias, x, m, y, &s, true, pool);
+        return;
+      }
+    }
+    if (!kept.holds(k, n) || kept.pairs != pairs) {
+      if (pairs) {
+        if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
+          kept.kernel = {};
+          kept.panels.resize(static_cast<std::size_t>(pair_panels_size(in, out)));
+          pack_pair_panels(in, out, k, out, kept.panels.data());
+        }
+      } else {
+        kept.panels = {};
+        kept.kernel.resize(static_cast<std::size_t>(n));
+        for (Index i = 0; i < n; ++i) kept.kernel[static_cast<std::size_t>(i)] = static_cast<C>(static_cast<T>(k[i]));
+      }
+      kept.pairs = pairs;
       kept.source = k;
       kept.size = n;
       for (int i = 0; i < KeptKernel<C>::kSamples; ++i)
         kept.samples[static_cast<std::size_t>(i)] = n > 0 ? KeptKernel<C>::bits(k[KeptKernel<C>::sample_index(i, n)]) : 0;
     }
-    s.x.resize(static_cast<std::size_t>(m * in));
     s.acc.resize(static_cast<std::size_t>(m * out));
+    if constexpr (std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<C, float>) {
+      if (pairs) {  // the pair GEMV over the kept panels (the GEMM's bits, pairs.hpp)
+        const Eigen::bfloat16* xb = as_bf16(x, m * in, s.xb);
+        gemm::multiply_pair_panels(m, out, in, xb, in, kept.panels.data(), s.acc.data(), out, pool);
+        round_rows<T>(s.acc.data(), m, out, use_bias ? p.bias.data() : nullptr, y);
+        return;
+      }
+    }
+    s.x.resize(static_cast<std::size_t>(m * in));
     for (Index i = 0; i < m * in; ++i) s.x[static_cast<std::size_t>(i)] = static_cast<C>(static_cast<T>(x[i]));
     promoted_rows<T>(s.x.data(), kept.kernel.data(), m, in, out, use_bias ? p.bias.data() : nullptr, s.acc.data(), y,
                      true, pool);

@@ -90,12 +90,33 @@ inline ScratchBuffer<T>& packed_a_buffer() {
 // costs a few microseconds).
 inline constexpr double kParallelMinFlops = 4.0e6;
 
-template <class T, class P = simd::packet_t<T>, class Blk = PackedBlocking<P>>
-void gemm_outputs(Index M, Index K, const T* A, Index lda, const Output<T>* outs, int count,
-                  Eigen::ThreadPoolInterface* pool = nullptr) {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "linen: gemm is for float and double");
-  static_assert(std::is_same_v<simd::scalar_t<P>, T>, "linen: gemm's packet type must hold T");
-  constexpr int MR = Blk::MR, NR = Blk::NR, NRW = Blk::NRW;
+// The float and double members of the driver below: Packed, the packed panels' element
+// type; depth(kc), the packed rows a depth block of kc takes (a panel of MR rows of A is
+// depth(kc) * MR elements, one of NRW columns of B depth(kc) * NRW); pack_a, pack_b
+// (pack.hpp); tile, one register tile (kernel.hpp). gemm/pairs.hpp has the bfloat16
+// pair member.
+template <class T, class P, class Blk>
+struct PlainOps {
+  using Packed = T;
+  static constexpr int MR = Blk::MR, NR = Blk::NR, NRW = Blk::NRW;
+  static constexpr Index KC = Blk::KC, MC = Blk::MC, NC = Blk::NC;
+  static constexpr Index depth(Index kc) { return kc; }
+  static void pack_a(Index m, Index kc, const T* A, Index lda, T* dst) { gemm::pack_a<MR>(m, kc, A, lda, dst); }
+  static void pack_b(Index n, Index kc, const T* B, Index ldb, T* dst) { gemm::pack_b<NRW>(n, kc, B, ldb, dst); }
+  static void tile(Index mv, Index nv, Index kc, const T* a, const T* b, T* c, Index ldc, bool accumulate,
+                   const T* bias) {
+    if (mv == MR && nv == NRW) micro_kernel<P, MR, NR>(kc, a, b, c, ldc, accumulate, bias);
+    else edge_kernel<P, MR, NR>(mv, nv, kc, a, b, c, ldc, accumulate, bias);
+  }
+};
+
+// The Goto/BLIS driver of every member (see the top of this file): C[M, n_g] = A B_g +
+// bias_g for the groups of `outs`, with Ops' packing and register tile.
+template <class Ops, class TA, class T, class TB>
+void gemm_driver(Index M, Index K, const TA* A, Index lda, const GemmOutput<T, TB>* outs, int count,
+                 Eigen::ThreadPoolInterface* pool) {
+  using Packed = typename Ops::Packed;
+  constexpr int MR = Ops::MR, NRW = Ops::NRW;
   LINEN_ASSERT(count >= 0 && count <= kMaxOutputs);
   if (M <= 0) return;
   // Panels of NRW columns, numbered across the groups: group g holds [first[g], first[g + 1]).
@@ -120,14 +141,14 @@ void gemm_outputs(Index M, Index K, const T* A, Index lda, const Output<T>* outs
   // of the workers, the tiles shared evenly among them (blocks of equal rows rounded up to
   // MR gave one worker 280 rows and the other 232 at M = 512 on two threads).
   const Index tiles = (M + MR - 1) / MR;
-  Index blocks = (M + Blk::MC - 1) / Blk::MC;
+  Index blocks = (M + Ops::MC - 1) / Ops::MC;
   if (pool_threads > 1) blocks = std::min<Index>((blocks + pool_threads - 1) / pool_threads * pool_threads, tiles);
   const Index mc = (tiles + blocks - 1) / blocks * MR;  // the most rows of one block
   const int workers = static_cast<int>(std::min<Index>(pool_threads, blocks));
 
-  const Index kc_max = std::min<Index>(K, Blk::KC);
-  const Index nc_panels = std::max<Index>(1, Blk::NC / NRW);
-  T* packed_b = packed_b_buffer<T>().get(std::min(panels, nc_panels) * kc_max * NRW);
+  const Index kc_max = std::min<Index>(K, Ops::KC);
+  const Index nc_panels = std::max<Index>(1, Ops::NC / NRW);
+  Packed* packed_b = packed_b_buffer<Packed>().get(std::min(panels, nc_panels) * Ops::depth(kc_max) * NRW);
   auto group_of = [&](Index p) {
     int g = 0;
     while (p >= first[g + 1]) ++g;
@@ -136,8 +157,8 @@ void gemm_outputs(Index M, Index K, const T* A, Index lda, const Output<T>* outs
 
   for (Index p0 = 0; p0 < panels; p0 += nc_panels) {
     const Index p1 = std::min(panels, p0 + nc_panels);
-    for (Index k0 = 0; k0 < K; k0 += Blk::KC) {
-      const Index kc = std::min<Index>(Blk::KC, K - k0);
+    for (Index k0 = 0; k0 < K; k0 += Ops::KC) {
+      const Index kc = std::min<Index>(Ops::KC, K - k0), dk = Ops::depth(kc);
       const bool accumulate = k0 > 0, last = k0 + kc == K;
       // Pack B's block [k0, k0 + kc) x panels [p0, p1), panels split among the workers.
       const Index npan = p1 - p0;
@@ -148,34 +169,39 @@ void gemm_outputs(Index M, Index K, const T* A, Index lda, const Output<T>* outs
           const Index p = p0 + q;
           const int g = group_of(p);
           const Index j = (p - first[g]) * NRW;
-          pack_b<NRW>(std::min<Index>(NRW, outs[g].n - j), kc, outs[g].B + k0 * outs[g].ldb + j, outs[g].ldb,
-                      packed_b + q * kc * NRW);
+          Ops::pack_b(std::min<Index>(NRW, outs[g].n - j), kc, outs[g].B + k0 * outs[g].ldb + j, outs[g].ldb,
+                      packed_b + q * dk * NRW);
         }
       });
       // The row blocks: pack A's block, then every tile of it against every panel.
       parallel_for(pool, workers, blocks, [&](int, Index blk) {
         const auto [t0, t1] = share(tiles, static_cast<int>(blocks), static_cast<int>(blk));
         const Index i0 = t0 * MR, mb = std::min(t1 * MR, M) - i0;
-        T* packed_a = packed_a_buffer<T>().get(mc * kc);
-        pack_a<MR>(mb, kc, A + i0 * lda + k0, lda, packed_a);
+        Packed* packed_a = packed_a_buffer<Packed>().get(mc * dk);
+        Ops::pack_a(mb, kc, A + i0 * lda + k0, lda, packed_a);
         for (Index q = 0; q < npan; ++q) {
           const Index p = p0 + q;
           const int g = group_of(p);
-          const Output<T>& o = outs[g];
+          const GemmOutput<T, TB>& o = outs[g];
           const Index j = (p - first[g]) * NRW, nv = std::min<Index>(NRW, o.n - j);
-          const T* b = packed_b + q * kc * NRW;
+          const Packed* b = packed_b + q * dk * NRW;
           const T* bias = last && o.bias ? o.bias + j : nullptr;
           for (Index r = 0; r < mb; r += MR) {
             const Index mv = std::min<Index>(MR, mb - r);
-            T* c = o.C + (i0 + r) * o.ldc + j;
-            const T* a = packed_a + r * kc;
-            if (mv == MR && nv == NRW) micro_kernel<P, MR, NR>(kc, a, b, c, o.ldc, accumulate, bias);
-            else edge_kernel<P, MR, NR>(mv, nv, kc, a, b, c, o.ldc, accumulate, bias);
+            Ops::tile(mv, nv, kc, packed_a + r * dk, b, o.C + (i0 + r) * o.ldc + j, o.ldc, accumulate, bias);
           }
         }
       });
     }
   }
+}
+
+template <class T, class P = simd::packet_t<T>, class Blk = PackedBlocking<P>>
+void gemm_outputs(Index M, Index K, const T* A, Index lda, const Output<T>* outs, int count,
+                  Eigen::ThreadPoolInterface* pool = nullptr) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "linen: gemm is for float and double");
+  static_assert(std::is_same_v<simd::scalar_t<P>, T>, "linen: gemm's packet type must hold T");
+  gemm_driver<PlainOps<T, P, Blk>>(M, K, A, lda, outs, count, pool);
 }
 
 template <class T, class P = simd::packet_t<T>, class Blk = PackedBlocking<P>>

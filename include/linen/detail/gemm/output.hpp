@@ -13,9 +13,10 @@ namespace linen {
 namespace detail {
 
 // C[M, n] (row stride ldc) = A B[K, n] (row stride ldb) + bias[n] (bias may be null).
-template <class T>
+// TB, B's element type: T, or bfloat16 for the pair products (gemm/pairs.hpp: C float).
+template <class T, class TB = T>
 struct GemmOutput {
-  const T* B = nullptr;
+  const TB* B = nullptr;
   Index ldb = 0;
   Index n = 0;
   const T* bias = nullptr;

@@ -11,6 +11,19 @@
 //       GEMV (gemv.hpp) up to kGemvMaxRows rows, linen's GEMM past them, never CBLAS; the
 //       two give the same bits, so a row's result does not depend on how many rows came
 //       with it, nor on the pool
+//   pair_products()
+//       whether the bfloat16 pair products below run (vdpbf16ps: with linen::dispatch,
+//       the active level is avx512_bf16; header-only, this translation unit targets it)
+//   pair_gemm()
+//       whether DenseGeneral's bfloat16 GEMM takes multiply_pairs: pair_products() where
+//       they are the faster product (pair_preference.hpp: AMD; elsewhere the float GEMM of
+//       the widened operands, the same bits); the decode step's pair GEMV runs wherever
+//       pair_products()
+//   multiply_pairs(M, N, K, A, lda, B, ldb, C, ldc, pool)
+//       C[M, N] (float) = A[M, K] B[K, N], both bfloat16 (gemm/pairs.hpp's gemm_pairs)
+//   multiply_pair_panels(M, N, K, x, ldx, panels, y, ldy, pool)
+//       y[M, N] (float) = x[M, K] W, W kept in pair panels (pair_panels.hpp; gemv_pairs)
+//   Both give the fmadd chain of the float products over the widened operands (pairs.hpp).
 // By default linen's own GEMM (gemm.hpp; the bits do not depend on the pool), with
 // linen::dispatch the active level's (detail/dispatch.hpp), else this translation unit's. A build
 // with LINEN_HAS_CBLAS (CMake option LINEN_USE_BLAS) calls cblas_sgemm / cblas_dgemm
@@ -32,6 +45,8 @@
 #include "../dispatch.hpp"
 #include "gemm.hpp"
 #include "gemv.hpp"
+#include "pair_preference.hpp"
+#include "pairs.hpp"
 #if defined(LINEN_HAS_CBLAS)
 #include "cblas.hpp"
 #endif
@@ -101,6 +116,43 @@ void multiply_rows(Index M, Index N, Index K, const T* A, Index lda, const T* B,
   dispatch::call<dispatch::Gemv<T>>(M, N, K, A, lda, B, ldb, bias, C, ldc, pool);  // the active level's gemv
 #else
   gemv<T>(M, N, K, A, lda, B, ldb, bias, C, ldc, pool);
+#endif
+}
+
+inline bool pair_products() {
+#if defined(LINEN_DISPATCH)
+  return dispatch::available<dispatch::GemmPairs>() && dispatch::available<dispatch::GemvPairs>();
+#else
+  return LINEN_SIMD_HAS_BF16_DOT != 0;
+#endif
+}
+
+inline bool pair_gemm() { return pairs_preferred() && pair_products(); }
+
+// Callers check pair_products() first.
+inline void multiply_pairs(Index M, Index N, Index K, const Eigen::bfloat16* A, Index lda, const Eigen::bfloat16* B,
+                           Index ldb, float* C, Index ldc, Eigen::ThreadPoolInterface* pool = nullptr) {
+  LINEN_ASSERT(pair_products());
+  const GemmOutput<float, Eigen::bfloat16> out{B, ldb, N, nullptr, C, ldc};
+#if defined(LINEN_DISPATCH)
+  dispatch::call<dispatch::GemmPairs>(M, K, A, lda, &out, 1, pool);
+#elif LINEN_SIMD_HAS_BF16_DOT
+  gemm_pairs(M, K, A, lda, &out, 1, pool);
+#else
+  (void)M, (void)K, (void)A, (void)lda, (void)out, (void)pool;
+#endif
+}
+
+inline void multiply_pair_panels(Index M, Index N, Index K, const Eigen::bfloat16* x, Index ldx,
+                                 const Eigen::bfloat16* panels, float* y, Index ldy,
+                                 Eigen::ThreadPoolInterface* pool = nullptr) {
+  LINEN_ASSERT(pair_products());
+#if defined(LINEN_DISPATCH)
+  dispatch::call<dispatch::GemvPairs>(M, N, K, x, ldx, panels, y, ldy, pool);
+#elif LINEN_SIMD_HAS_BF16_DOT
+  gemv_pairs(M, N, K, x, ldx, panels, y, ldy, pool);
+#else
+  (void)M, (void)N, (void)K, (void)x, (void)ldx, (void)panels, (void)y, (void)ldy, (void)pool;
 #endif
 }
 
