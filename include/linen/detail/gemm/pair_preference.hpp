@@ -15,19 +15,35 @@
 #ifndef LINEN_DETAIL_GEMM_PAIR_PREFERENCE_HPP
 #define LINEN_DETAIL_GEMM_PAIR_PREFERENCE_HPP
 
+#include <cstdlib>
+#include <string>
+
+#include "../../errors.hpp"
+
 namespace linen {
 namespace detail {
 
+// LINEN_BF16_PAIRS=1 (or 0) in the environment forces (or forbids) the pair products
+// wherever this rule decides, on any CPU with avx512_bf16: the test suite's avx512_bf16
+// runs set it to 1, so that the pair kernels run on every machine that has them. Read
+// once per process; another value throws linen::invalid_argument naming it.
 inline bool pairs_preferred() {
+  static const bool preferred = [] {
+    const char* env = std::getenv("LINEN_BF16_PAIRS");
+    if (env && *env) {
+      const std::string v(env);
+      if (v == "1") return true;
+      if (v == "0") return false;
+      throw linen::invalid_argument("linen: LINEN_BF16_PAIRS is \"" + v + "\"; expected 1 (use vdpbf16ps) or 0 (never)");
+    }
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
-  static const bool amd = [] {
     __builtin_cpu_init();
     return __builtin_cpu_is("amd") != 0;
-  }();
-  return amd;
 #else
-  return false;
+    return false;
 #endif
+  }();
+  return preferred;
 }
 
 }  // namespace detail
