@@ -451,7 +451,7 @@ TYPED_TEST(JaxNnGrad, WindowEqualsBandMask) {
 
 // The backward's work split follows from the problem alone: 1, 2 and 3 threads give the
 // same bits (key groups, a bias shared by heads and batch, GQA, a window, lengths).
-TYPED_TEST(JaxNnGrad, ThreadCountDoesNotChangeBits) {
+TYPED_TEST(JaxNnGrad, BitsDoNotDependOnThreads) {
   using T = TypeParam;
   Case c;
   c.B = 1;
