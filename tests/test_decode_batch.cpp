@@ -23,6 +23,8 @@ using linen::Tensor;
 using linen_test::rel_err;
 
 using linen_test::random_tensor;
+using linen_test::message_of;
+using linen_test::same_bytes;
 
 template <class T, class P = T>
 linen::AttentionConfig<T, P> decode_config(Index heads, bool normalize_qk = false) {
@@ -31,11 +33,6 @@ linen::AttentionConfig<T, P> decode_config(Index heads, bool normalize_qk = fals
   cfg.decode = true;
   cfg.normalize_qk = normalize_qk;
   return cfg;
-}
-
-template <class T>
-bool same_bytes(const T* a, const T* b, Index n) {
-  return n == 0 || std::memcmp(a, b, sizeof(T) * static_cast<std::size_t>(n)) == 0;
 }
 
 // Slot s of `c` equals the Flax cache `ref` (batch 1) byte for byte, index included.
@@ -281,16 +278,6 @@ TEST(BatchDecode, JoinLeaveRollbackTouchOneSlot) {
 
 // ---------------------------------------------------------------------------------------
 // errors: every sequence unchanged, the value at fault named
-
-template <class F>
-std::string message_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no exception)";
-}
 
 TEST(BatchDecode, BadStepsThrowNamingTheValueAndChangeNothing) {
   std::mt19937 g(4);

@@ -20,22 +20,9 @@ using linen::RingCache;
 using linen::Shape;
 using linen::Tensor;
 using linen_test::random_tensor;
+using linen_test::message_of;
+using linen_test::same_bytes;
 using linen_test::rel_err;
-
-template <class T>
-bool same_bytes(const T* a, const T* b, Index n) {
-  return n == 0 || std::memcmp(a, b, sizeof(T) * static_cast<std::size_t>(n)) == 0;
-}
-
-template <class F>
-std::string message_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no exception)";
-}
 
 template <class T>
 linen::AttentionConfig<T> config(Index heads, bool decode) {

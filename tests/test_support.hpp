@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
+#include <exception>
 #include <random>
 #include <string>
 
@@ -91,6 +92,23 @@ template <class T, int N>
 bool same_bits(const linen::Tensor<T, N>& a, const linen::Tensor<T, N>& b) {
   return a.dimensions() == b.dimensions() &&
          (a.size() == 0 || std::memcmp(a.data(), b.data(), sizeof(T) * static_cast<std::size_t>(a.size())) == 0);
+}
+
+// Whether n elements at a and b have the same bytes.
+template <class T>
+bool same_bytes(const T* a, const T* b, linen::Index n) {
+  return n == 0 || std::memcmp(a, b, sizeof(T) * static_cast<std::size_t>(n)) == 0;
+}
+
+// The message of the exception `f` throws ("(no exception)" when it returns).
+template <class F>
+std::string message_of(F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(no exception)";
 }
 
 }  // namespace linen_test
