@@ -267,14 +267,22 @@ class RowKernel {
             }
           }
         }
-        for (; j < nk; ++j) {
-          const T* vrow = a_.value + a_.walk(vw, t0 + j);
-          if (t0 + j + ahead < a_.Lk) simd::prefetch(a_.value + a_.walk(vpw, t0 + j + ahead) + kv0 * a_.v_sh, v_span);
+        // (the rest in blocks of kKeyBlock keys across heads, each (head, row)'s O in
+        // registers over a block: loaded and stored once a block, not once a key; the
+        // same FMAs in the same order as key by key)
+        for (; j < nk; j += kKeyBlock) {
+          const Index m = std::min<Index>(kKeyBlock, nk - j);
+          const T* vrows[kKeyBlock];
+          for (Index i = 0; i < m; ++i) {
+            vrows[i] = a_.value + a_.walk(vw, t0 + j + i);
+            if (t0 + j + i + ahead < a_.Lk)
+              simd::prefetch(a_.value + a_.walk(vpw, t0 + j + i + ahead) + kv0 * a_.v_sh, v_span);
+          }
           for (Index h = h0; h < h1; ++h) {
             if (uses[h - h0].skip) continue;
             for (Index r = 0; r < a_.Lq; ++r) {
               const Index hr = (h - h0) * a_.Lq + r;
-              axpy(s[hr * tk_ + j], vrow + a_.kv_head(h) * a_.v_sh, part + hr * state_);
+              axpy_keys(s + hr * tk_ + j, vrows, m, a_.kv_head(h) * a_.v_sh, part + hr * state_);
             }
           }
         }
@@ -386,13 +394,31 @@ class RowKernel {
     for (; c < Dv; ++c) o[c] *= alpha;
   }
 
-  // o[0, Dv) += p * v[0, Dv)
-  void axpy(C p, const T* v, C* o) const {
+  // Keys a block of axpy_keys.
+  static constexpr int kKeyBlock = 8;
+
+  // o[0, Dv) += p[i] * v[i][off, off + Dv) for i < m in order (axpy key by key, with o in
+  // registers).
+  void axpy_keys(const C* p, const T* const* v, Index m, Index off, C* o) const {
     const Index Dv = a_.Dv;
     Index c = 0;
-    const P pv = simd::set1<P>(p);
-    for (; c + W <= Dv; c += W) simd::store(o + c, simd::fmadd(pv, simd::load_as<P>(v + c), simd::load<P>(o + c)));
-    for (; c < Dv; ++c) o[c] += p * static_cast<C>(v[c]);
+    for (; c + 4 * W <= Dv; c += 4 * W) {
+      P acc[4];
+      gemm::unroll<4>([&](auto k) { acc[k] = simd::load<P>(o + c + k * W); });
+      for (Index i = 0; i < m; ++i) {
+        const P pv = simd::set1<P>(p[i]);
+        const T* vi = v[i] + off + c;
+        gemm::unroll<4>([&](auto k) { acc[k] = simd::fmadd(pv, simd::load_as<P>(vi + k * W), acc[k]); });
+      }
+      gemm::unroll<4>([&](auto k) { simd::store(o + c + k * W, acc[k]); });
+    }
+    for (; c + W <= Dv; c += W) {
+      P acc = simd::load<P>(o + c);
+      for (Index i = 0; i < m; ++i) acc = simd::fmadd(simd::set1<P>(p[i]), simd::load_as<P>(v[i] + off + c), acc);
+      simd::store(o + c, acc);
+    }
+    for (; c < Dv; ++c)
+      for (Index i = 0; i < m; ++i) o[c] += p[i] * static_cast<C>(v[i][off + c]);
   }
 
   // s[j] = q . k[j*ks .. + D) for j < nk.
