@@ -269,7 +269,7 @@ class RowKernel {
         }
         // (the rest in blocks of kKeyBlock keys across heads, each (head, row)'s O in
         // registers over a block: loaded and stored once a block, not once a key; the
-        // same FMAs in the same order as key by key)
+        // same FMAs in the same order as key by key, after an exact times 1)
         for (; j < nk; j += kKeyBlock) {
           const Index m = std::min<Index>(kKeyBlock, nk - j);
           const T* vrows[kKeyBlock];
@@ -282,7 +282,8 @@ class RowKernel {
             if (uses[h - h0].skip) continue;
             for (Index r = 0; r < a_.Lq; ++r) {
               const Index hr = (h - h0) * a_.Lq + r;
-              axpy_keys(s + hr * tk_ + j, vrows, m, a_.kv_head(h) * a_.v_sh, part + hr * state_);
+              const Index off = a_.kv_head(h) * a_.v_sh;
+              axpy_rows(s + hr * tk_ + j, [&](Index i) { return vrows[i] + off; }, m, C(1), part + hr * state_);
             }
           }
         }
@@ -322,7 +323,8 @@ class RowKernel {
               }
             }
             runs([&](Index j, Index m) {
-              axpy_rows(s + j, a_.value_row(b, t0 + j, h), a_.v_sl, m, j == 0 ? alpha : C(1), st);
+              const T* v = a_.value_row(b, t0 + j, h);
+              axpy_rows(s + j, [&](Index i) { return v + i * a_.v_sl; }, m, j == 0 ? alpha : C(1), st);
             });
           }
         }
@@ -394,32 +396,8 @@ class RowKernel {
     for (; c < Dv; ++c) o[c] *= alpha;
   }
 
-  // Keys a block of axpy_keys.
+  // Keys per block of the Flax-layout path's P V (axpy_rows over a block of rows).
   static constexpr int kKeyBlock = 8;
-
-  // o[0, Dv) += p[i] * v[i][off, off + Dv) for i < m in order (axpy key by key, with o in
-  // registers).
-  void axpy_keys(const C* p, const T* const* v, Index m, Index off, C* o) const {
-    const Index Dv = a_.Dv;
-    Index c = 0;
-    for (; c + 4 * W <= Dv; c += 4 * W) {
-      P acc[4];
-      gemm::unroll<4>([&](auto k) { acc[k] = simd::load<P>(o + c + k * W); });
-      for (Index i = 0; i < m; ++i) {
-        const P pv = simd::set1<P>(p[i]);
-        const T* vi = v[i] + off + c;
-        gemm::unroll<4>([&](auto k) { acc[k] = simd::fmadd(pv, simd::load_as<P>(vi + k * W), acc[k]); });
-      }
-      gemm::unroll<4>([&](auto k) { simd::store(o + c + k * W, acc[k]); });
-    }
-    for (; c + W <= Dv; c += W) {
-      P acc = simd::load<P>(o + c);
-      for (Index i = 0; i < m; ++i) acc = simd::fmadd(simd::set1<P>(p[i]), simd::load_as<P>(v[i] + off + c), acc);
-      simd::store(o + c, acc);
-    }
-    for (; c < Dv; ++c)
-      for (Index i = 0; i < m; ++i) o[c] += p[i] * static_cast<C>(v[i][off + c]);
-  }
 
   // s[j] = q . k[j*ks .. + D) for j < nk.
   void dots(const C* q, const T* k, Index ks, Index nk, C* s) const {
@@ -549,30 +527,32 @@ class RowKernel {
     else return Eigen::internal::predux(x);
   }
 
-  // O = alpha O + sum_j p[j] v[j*vs .. + Dv), O = st[0, Dv), 8 vectors at a time.
-  void axpy_rows(const C* p, const T* v, Index vs, Index nk, C alpha, C* o) const {
-    constexpr int NV = 8;
+  // O = alpha O + sum_j p[j] row(j)[0, Dv) for j < nk in key order (row(j): key j's value
+  // row), O = st[0, Dv): 8, then 4 packets at a time in registers, then one.
+  template <class Row>
+  void axpy_rows(const C* p, const Row& row, Index nk, C alpha, C* o) const {
     const Index Dv = a_.Dv;
     Index c = 0;
     const P av = simd::set1<P>(alpha);
-    for (; c + NV * W <= Dv; c += NV * W) {
-      P acc[NV];
-      gemm::unroll<NV>([&](auto i) { acc[i] = simd::mul(simd::load<P>(o + c + i * W), av); });
-      for (Index j = 0; j < nk; ++j) {
-        const P pj = simd::set1<P>(p[j]);
-        const T* vj = v + j * vs + c;
-        gemm::unroll<NV>([&](auto i) { acc[i] = simd::fmadd(pj, simd::load_as<P>(vj + i * W), acc[i]); });
+    auto packets = [&](auto nv) {
+      constexpr int NV = decltype(nv)::value;
+      for (; c + NV * W <= Dv; c += NV * W) {
+        P acc[NV];
+        gemm::unroll<NV>([&](auto i) { acc[i] = simd::mul(simd::load<P>(o + c + i * W), av); });
+        for (Index j = 0; j < nk; ++j) {
+          const P pj = simd::set1<P>(p[j]);
+          const T* vj = row(j) + c;
+          gemm::unroll<NV>([&](auto i) { acc[i] = simd::fmadd(pj, simd::load_as<P>(vj + i * W), acc[i]); });
+        }
+        gemm::unroll<NV>([&](auto i) { simd::store(o + c + i * W, acc[i]); });
       }
-      gemm::unroll<NV>([&](auto i) { simd::store(o + c + i * W, acc[i]); });
-    }
-    for (; c + W <= Dv; c += W) {
-      P acc = simd::mul(simd::load<P>(o + c), av);
-      for (Index j = 0; j < nk; ++j) acc = simd::fmadd(simd::set1<P>(p[j]), simd::load_as<P>(v + j * vs + c), acc);
-      simd::store(o + c, acc);
-    }
+    };
+    packets(std::integral_constant<int, 8>{});
+    packets(std::integral_constant<int, 4>{});
+    packets(std::integral_constant<int, 1>{});
     for (; c < Dv; ++c) {
       C acc = o[c] * alpha;
-      for (Index j = 0; j < nk; ++j) acc += p[j] * static_cast<C>(v[j * vs + c]);
+      for (Index j = 0; j < nk; ++j) acc += p[j] * static_cast<C>(row(j)[c]);
       o[c] = acc;
     }
   }
