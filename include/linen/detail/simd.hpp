@@ -129,11 +129,16 @@ inline P iota(scalar_t<P> x) {
   if constexpr (is_scalar_v<P>) return x;
   else return ei::plset<P>(x);
 }
-// A hint to bring the `bytes` at p into the cache (no effect where unsupported).
+// A hint to bring the `bytes` at p into the cache (no effect where unsupported): into
+// every level (Level = 1), or into level 2 only (Level = 2: prefetcht2, for a stream read
+// a few thousand cycles later, so that the fills do not wait for level-1 miss buffers; a
+// whole-row prefetch into L1 held a decode step at ~12 GB/s on Zen 4, into L2 ~14).
+template <int Level = 1>
 inline void prefetch(const void* p, std::ptrdiff_t bytes) {
+  static_assert(Level == 1 || Level == 2, "linen: prefetch into level 1 or 2");
 #if defined(__GNUC__) || defined(__clang__)
   const char* c = static_cast<const char*>(p);
-  for (std::ptrdiff_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+  for (std::ptrdiff_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, Level == 1 ? 3 : 1);
 #else
   (void)p;
   (void)bytes;
@@ -154,6 +159,88 @@ inline void transpose(const scalar_t<P>* src, std::ptrdiff_t ss, scalar_t<P>* ds
     ei::ptranspose(block);
     for (int i = 0; i < size_v<P>; ++i) ei::pstoreu(dst + i * ds, block.packet[i]);
   }
+}
+
+// The lane sum of x, in the order of Eigen's predux (halves, then quarters, ...).
+template <class P>
+inline scalar_t<P> hsum(const P& x) {
+  if constexpr (is_scalar_v<P>) return x;
+  else return ei::predux(x);
+}
+
+// The largest lane of x (lanes without NaN).
+template <class P>
+inline scalar_t<P> hmax(const P& x) {
+  if constexpr (is_scalar_v<P>) return x;
+  else return ei::predux_max(x);
+}
+
+// out[i] = hsum(v[i]) for i < N, bit for bit: N lane sums at once, sharing their shuffles
+// (a transposing tree: each level adds the halves of two vectors' segments into one
+// vector, so N sums cost N - 1 adds and 2 (N - 1) shuffles, not N reductions of log2(W)
+// dependent steps each). Every sum pairs its lanes as predux does (lane i with i + W/2,
+// then i + W/4, ...), so the bits are predux's: float packets of 16 lanes (AVX-512 with
+// DQ, whose predux halves by 256 bits first) and of 8 (AVX), N = 4 or 8 (and 16 for 16
+// lanes); others sum one by one.
+template <int N, class P>
+inline void hsum_n(const P* v, scalar_t<P>* out) {
+#if defined(EIGEN_VECTORIZE_AVX512) && defined(EIGEN_VECTORIZE_AVX512DQ)
+  if constexpr (size_v<P> == 16 && std::is_same_v<scalar_t<P>, float> && (N == 4 || N == 8 || N == 16)) {
+    // level 1 pairs lanes (i, i + 8): [a lo + a hi | b lo + b hi]; level 2 (i, i + 4)
+    // within 256 bits; levels 3 and 4 (i, i + 2), (i, i + 1) within each 128 bits
+    auto l1 = [](__m512 a, __m512 b) {
+      return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    };
+    auto l2 = [](__m512 a, __m512 b) {
+      return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+    };
+    auto l3 = [](__m512 a, __m512 b) { return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE)); };
+    auto l4 = [](__m512 a, __m512 b) { return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD)); };
+    if constexpr (N == 16) {
+      const __m512 s0 = l2(l1(v[0], v[1]), l1(v[2], v[3])), s1 = l2(l1(v[4], v[5]), l1(v[6], v[7]));
+      const __m512 s2 = l2(l1(v[8], v[9]), l1(v[10], v[11])), s3 = l2(l1(v[12], v[13]), l1(v[14], v[15]));
+      // lane 4k + m holds the sum of v[4m + k]
+      const __m512 u = l4(l3(s0, s1), l3(s2, s3));
+      _mm512_storeu_ps(out, _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), u));
+    } else if constexpr (N == 8) {
+      const __m512 t = l3(l2(l1(v[0], v[1]), l1(v[2], v[3])), l2(l1(v[4], v[5]), l1(v[6], v[7])));
+      // lane 4k: v[k]; lane 4k + 1: v[4 + k]
+      const __m512 u = _mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 13, 9, 5, 1, 12, 8, 4, 0), l4(t, t));
+      _mm256_storeu_ps(out, _mm512_castps512_ps256(u));
+    } else {
+      const __m512 s = l2(l1(v[0], v[1]), l1(v[2], v[3]));
+      const __m512 t = l3(s, s);
+      // lane 4k: v[k]
+      const __m512 u = _mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), l4(t, t));
+      _mm_storeu_ps(out, _mm512_castps512_ps128(u));
+    }
+    return;
+  }
+#endif
+#if defined(EIGEN_VECTORIZE_AVX)
+  if constexpr (size_v<P> == 8 && std::is_same_v<scalar_t<P>, float> && (N == 4 || N == 8)) {
+    // level 1 pairs lanes (i, i + 4): [a lo + a hi | b lo + b hi]; levels 2 and 3 (i, i + 2),
+    // (i, i + 1) within each 128 bits
+    auto l1 = [](__m256 a, __m256 b) {
+      return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    };
+    auto l2 = [](__m256 a, __m256 b) { return _mm256_add_ps(_mm256_shuffle_ps(a, b, 0x44), _mm256_shuffle_ps(a, b, 0xEE)); };
+    auto l3 = [](__m256 a, __m256 b) { return _mm256_add_ps(_mm256_shuffle_ps(a, b, 0x88), _mm256_shuffle_ps(a, b, 0xDD)); };
+    alignas(32) float u[8];
+    if constexpr (N == 8) {
+      // [v0 v2 v4 v6 | v1 v3 v5 v7]
+      _mm256_store_ps(u, l3(l2(l1(v[0], v[1]), l1(v[2], v[3])), l2(l1(v[4], v[5]), l1(v[6], v[7]))));
+      for (int i = 0; i < 8; ++i) out[i] = u[(i % 2) * 4 + i / 2];
+    } else {
+      // [v0 v2 v0 v2 | v1 v3 v1 v3]
+      const __m256 t = l2(l1(v[0], v[1]), l1(v[2], v[3]));
+      _mm256_store_ps(u, l3(t, t));
+      for (int i = 0; i < 4; ++i) out[i] = u[(i % 2) * 4 + i / 2];
+    }
+    return;
+  }
+#endif
+  for (int i = 0; i < N; ++i) out[i] = hsum(v[i]);
 }
 
 // --- exp on x <= 0 (or NaN), as softmax needs it: exp(s - max) ---------------------------

@@ -7,8 +7,9 @@
 // (m, l, O) are merged at the end by log-sum-exp, so a single long cache is split across
 // threads. Key chunks masked everywhere are skipped (re-run at the merge when a row's max
 // is within reach of the mask value, exactly as the tiled kernel's fallback). Flax's
-// [L, H, D] rows are read front to back across heads. Semantics are the policy's
-// (policy.hpp), as in the tiled kernel.
+// [L, H, D] rows are read in blocks of keys across heads, K and V side by side, each
+// block fetched into L2 ahead of its use. Semantics are the policy's (policy.hpp), as in
+// the tiled kernel.
 #ifndef LINEN_DETAIL_ATTENTION_ROW_KERNEL_HPP
 #define LINEN_DETAIL_ATTENTION_ROW_KERNEL_HPP
 
@@ -210,80 +211,66 @@ class RowKernel {
     for (Index i = 0; i < (h1 - h0) * a_.Lq; ++i) init_state(part + i * state_);
     C* s = scratch + off_s_;  // logits / weights of a tile: [h - h0][r][tk]
     const bool side_by_side = a_.k_sh == a_.D && a_.v_sh == a_.Dv && h1 - h0 > 1;
-    // Rows are fetched ~8 KiB ahead: the loads are interleaved with arithmetic, and the
-    // hardware prefetchers alone left ~40% of the read bandwidth unused (Zen 3).
+    // Rows are fetched ahead: the loads are interleaved with arithmetic, and the hardware
+    // prefetchers alone left ~40% of the read bandwidth unused (Zen 3). Flax's layout:
+    // 32 KiB ahead (at least a block of keys), into L2 (simd::prefetch<2>); else 8 KiB.
     // (the kv heads of heads [h0, h1): one per group of kv_group heads)
     const Index kv0 = a_.kv_head(h0), kv_n = a_.kv_head(h1 - 1) - kv0 + 1;
     const Index k_span = ((kv_n - 1) * a_.k_sh + a_.D) * Index(sizeof(T));
     const Index v_span = ((kv_n - 1) * a_.v_sh + a_.Dv) * Index(sizeof(T));
-    const Index ahead = std::max<Index>(2, 8192 / std::max<Index>(k_span, 1));
+    const Index ahead = std::max<Index>(2, (side_by_side ? 32768 : 8192) / std::max<Index>(k_span, 1));
     // the rows read and prefetched, key by key (paged: one block lookup per block)
     auto kw = a_.key_walk(b), kpw = a_.key_walk(b), vw = a_.value_walk(b), vpw = a_.value_walk(b);
     for (Index t0 = j0; t0 < j1; t0 += tk_) {
       const Index nk = std::min(tk_, j1 - t0);
       if (side_by_side) {
-        // logits of every (head, row), key by key
-        for (Index j = 0; j < nk; ++j) {
-          const T* krow = a_.key + a_.walk(kw, t0 + j);
-          if (t0 + j + ahead < a_.Lk) simd::prefetch(a_.key + a_.walk(kpw, t0 + j + ahead) + kv0 * a_.k_sh, k_span);
-          for (Index h = h0; h < h1; ++h) {
-            if (uses[h - h0].skip) continue;
-            for (Index r = 0; r < a_.Lq; ++r) {
-              const Index hr = (h - h0) * a_.Lq + r;
-              if constexpr (kPairs) s[hr * tk_ + j] = dot_pairs(qs + hr * a_.D, query_pairs(qs) + hr * a_.D, krow + a_.kv_head(h) * a_.k_sh);
-              else s[hr * tk_ + j] = dot(qs + hr * a_.D, krow + a_.kv_head(h) * a_.k_sh);
+        // In blocks of kBlock keys: the block's rows (K and V, every head) are fetched
+        // `ahead` keys in advance, then for each (head, row) the block's logits
+        // (dots_block), its online-softmax update and its P V (O in registers over the
+        // block): K and V are read side by side, block after block, and a block's work
+        // for one row never depends on another row (so n rows give n single rows' bits).
+        for (Index j = 0; j < nk; j += kBlock) {
+          const Index m = std::min<Index>(kBlock, nk - j);
+          const T* krows[kBlock];
+          const T* vrows[kBlock];
+          for (Index i = 0; i < m; ++i) {
+            const Index t = t0 + j + i;
+            krows[i] = a_.key + a_.walk(kw, t);
+            vrows[i] = a_.value + a_.walk(vw, t);
+            if (t + ahead < a_.Lk) {
+              simd::prefetch<2>(a_.key + a_.walk(kpw, t + ahead) + kv0 * a_.k_sh, k_span);
+              simd::prefetch<2>(a_.value + a_.walk(vpw, t + ahead) + kv0 * a_.v_sh, v_span);
             }
           }
-        }
-        // softmax per (head, row); O *= alpha
-        for (Index h = h0; h < h1; ++h) {
-          if (uses[h - h0].skip) continue;
-          for (Index r = 0; r < a_.Lq; ++r) {
-            const Index hr = (h - h0) * a_.Lq + r;
-            C* st = part + hr * state_;
-            const C alpha = softmax_tile(b, h, r, t0, nk, uses[h - h0], s + hr * tk_, st);
-            scale(st, alpha);
-          }
-        }
-        // O += p V, key by key across heads (bfloat16: two keys at a time, as pairs)
-        Index j = 0;
-        if constexpr (kPairs) {
-          if (pol_.rounds_weights()) {
-            round_weights(s, h0, h1, nk, uses);
-            for (; j + 2 <= nk; j += 2) {
-              const Index v0 = a_.walk(vw, t0 + j);
-              const T* vrow = a_.value + v0;
-              const Index vs = a_.walk(vw, t0 + j + 1) - v0;  // v_sl, or across a block
-              if (t0 + j + ahead < a_.Lk) simd::prefetch(a_.value + a_.walk(vpw, t0 + j + ahead) + kv0 * a_.v_sh, v_span);
-              if (t0 + j + 1 + ahead < a_.Lk)
-                simd::prefetch(a_.value + a_.walk(vpw, t0 + j + 1 + ahead) + kv0 * a_.v_sh, v_span);
-              for (Index h = h0; h < h1; ++h) {
-                if (uses[h - h0].skip) continue;
-                for (Index r = 0; r < a_.Lq; ++r) {
-                  const Index hr = (h - h0) * a_.Lq + r;
-                  axpy_pairs(s + hr * tk_ + j, vrow + a_.kv_head(h) * a_.v_sh, vs, part + hr * state_);
+          for (Index h = h0; h < h1; ++h) {
+            if (uses[h - h0].skip) continue;
+            const Index koff = a_.kv_head(h) * a_.k_sh, voff = a_.kv_head(h) * a_.v_sh;
+            for (Index r = 0; r < a_.Lq; ++r) {
+              const Index hr = (h - h0) * a_.Lq + r;
+              const C* q = qs + hr * a_.D;
+              C* sj = s + hr * tk_;  // the block's logits, then weights
+              C* st = part + hr * state_;
+              Index i = 0;
+              if constexpr (kPairs) {
+                for (; i < m; ++i) sj[i] = dot_pairs(q, query_pairs(qs) + hr * a_.D, krows[i] + koff);
+              } else {
+                for (; i + kDotBlock <= m; i += kDotBlock)
+                  dots_block(q, [&](int x) { return krows[i + x] + koff; }, sj + i);
+                for (; i < m; ++i) sj[i] = dot(q, krows[i] + koff);
+              }
+              const C alpha = softmax_tile(b, h, r, t0 + j, m, uses[h - h0], sj, st);
+              i = 0;
+              if constexpr (kPairs) {
+                if (pol_.rounds_weights()) {
+                  // bfloat16: two keys at a time, as pairs, the weights rounded to T
+                  round_weights(sj, m);
+                  if (alpha != C(1)) scale(st, alpha);
+                  for (; i + 2 <= m; i += 2) axpy_pairs(sj + i, vrows[i] + voff, vrows[i + 1] - vrows[i], st);
+                  if (i < m) axpy_rows(sj + i, [&](Index x) { return vrows[i + x] + voff; }, m - i, C(1), st);
+                  continue;
                 }
               }
-            }
-          }
-        }
-        // (the rest in blocks of kKeyBlock keys across heads, each (head, row)'s O in
-        // registers over a block: loaded and stored once a block, not once a key; the
-        // same FMAs in the same order as key by key, after an exact times 1)
-        for (; j < nk; j += kKeyBlock) {
-          const Index m = std::min<Index>(kKeyBlock, nk - j);
-          const T* vrows[kKeyBlock];
-          for (Index i = 0; i < m; ++i) {
-            vrows[i] = a_.value + a_.walk(vw, t0 + j + i);
-            if (t0 + j + i + ahead < a_.Lk)
-              simd::prefetch(a_.value + a_.walk(vpw, t0 + j + i + ahead) + kv0 * a_.v_sh, v_span);
-          }
-          for (Index h = h0; h < h1; ++h) {
-            if (uses[h - h0].skip) continue;
-            for (Index r = 0; r < a_.Lq; ++r) {
-              const Index hr = (h - h0) * a_.Lq + r;
-              const Index off = a_.kv_head(h) * a_.v_sh;
-              axpy_rows(s + hr * tk_ + j, [&](Index i) { return vrows[i] + off; }, m, C(1), part + hr * state_);
+              axpy_rows(sj, [&](Index x) { return vrows[x] + voff; }, m, alpha, st);
             }
           }
         }
@@ -340,7 +327,18 @@ class RowKernel {
     C mt = st[a_.Dv];
     const T* br = a_.bias ? a_.bias.row(b, h, r) : nullptr;
     const bool* mr = u.mask_mixed ? a_.mask.row(b, h, r) : nullptr;
-    for (Index j = 0; j < nk; ++j) {
+    Index j0 = 0;
+    if (!br && !mr && !u.causal_cut) {
+      // (the max is exact in any order; lanes never hold NaN: simd::max keeps its first)
+      P mv = simd::set1<P>(mt);
+      for (; j0 + W <= nk; j0 += W) {
+        const P x = pol_.logit(simd::load<P>(s + j0));
+        simd::store(s + j0, x);
+        mv = simd::max(mv, x);
+      }
+      mt = std::max(mt, simd::hmax(mv));
+    }
+    for (Index j = j0; j < nk; ++j) {
       C x = pol_.logit(s[j]);
       if (br) x = pol_.add_bias(x, br[(t0 + j) * a_.bias.sk]);
       if (mr && !mr[(t0 + j) * a_.mask.sk]) x = low;
@@ -348,7 +346,8 @@ class RowKernel {
       s[j] = x;
       mt = std::max(mt, x);
     }
-    const C alpha = std::exp(st[a_.Dv] - mt);
+    // (exp(0) = 1: a block that leaves the max where it was rescales nothing)
+    const C alpha = mt == st[a_.Dv] && std::isfinite(mt) ? C(1) : std::exp(st[a_.Dv] - mt);
     Index j = 0;
     const P mv = simd::set1<P>(mt);
     P sv = simd::set1<P>(C(0));
@@ -396,8 +395,46 @@ class RowKernel {
     for (; c < Dv; ++c) o[c] *= alpha;
   }
 
-  // Keys per block of the Flax-layout path's P V (axpy_rows over a block of rows).
-  static constexpr int kKeyBlock = 8;
+  // Keys per dots_block (2 accumulators a key in registers), and per block of the
+  // Flax-layout path: at least a packet (the block's softmax runs in packets).
+  static constexpr int kDotBlock = simd::kRegisters >= 32 ? 8 : 4;
+  static constexpr int kBlock = std::max(W, kDotBlock);
+
+  // s[i] = q . row(i)[0, D) for i < kDotBlock, bit for bit dot(q, row(i)) (the same
+  // accumulators, lane sums in predux's order): the block's products side by side, q
+  // loaded once for the block, the lane sums together (simd::hsum_n).
+  template <class Row>
+  void dots_block(const C* q, const Row& row, C* s) const {
+    constexpr int KB = kDotBlock;
+    const Index D = a_.D, dv = D / W * W;
+    const T* k[KB];
+    P acc0[KB], acc1[KB];
+    gemm::unroll<KB>([&](auto i) {
+      k[i] = row(i);
+      acc0[i] = acc1[i] = simd::set1<P>(C(0));
+    });
+    Index d = 0;
+    for (; d + 2 * W <= dv; d += 2 * W) {
+      const P q0 = simd::load<P>(q + d), q1 = simd::load<P>(q + d + W);
+      gemm::unroll<KB>([&](auto i) {
+        acc0[i] = simd::fmadd(q0, simd::load_as<P>(k[i] + d), acc0[i]);
+        acc1[i] = simd::fmadd(q1, simd::load_as<P>(k[i] + d + W), acc1[i]);
+      });
+    }
+    for (; d < dv; d += W) {
+      const P q0 = simd::load<P>(q + d);
+      gemm::unroll<KB>([&](auto i) { acc0[i] = simd::fmadd(q0, simd::load_as<P>(k[i] + d), acc0[i]); });
+    }
+    gemm::unroll<KB>([&](auto i) { acc0[i] = simd::add(acc0[i], acc1[i]); });
+    simd::hsum_n<KB>(acc0, s);
+    if (dv < D) {
+      for (int i = 0; i < KB; ++i) {
+        C x = s[i];
+        for (d = dv; d < D; ++d) x += q[d] * static_cast<C>(k[i][d]);
+        s[i] = x;
+      }
+    }
+  }
 
   // s[j] = q . k[j*ks .. + D) for j < nk.
   void dots(const C* q, const T* k, Index ks, Index nk, C* s) const {
@@ -450,17 +487,11 @@ class RowKernel {
   void dots_pairs(const C* qf, const T* qb, const T* k, Index ks, Index nk, C* s) const {
     for (Index j = 0; j < nk; ++j) s[j] = dot_pairs(qf, qb, k + j * ks);
   }
-  // The weights of the tile's (head, row)s rounded to T (what the pairs multiply).
-  void round_weights(C* s, Index h0, Index h1, Index nk, const TileUse* uses) const {
-    for (Index h = h0; h < h1; ++h) {
-      if (uses[h - h0].skip) continue;
-      for (Index r = 0; r < a_.Lq; ++r) {
-        C* sr = s + ((h - h0) * a_.Lq + r) * tk_;
-        Index j = 0;
-        for (; j + W <= nk; j += W) simd::store(sr + j, simd::round_to<T>(simd::load<P>(sr + j)));
-        for (; j < nk; ++j) sr[j] = static_cast<C>(static_cast<T>(sr[j]));
-      }
-    }
+  // Weights s[0, n) rounded to T (what the pairs multiply).
+  void round_weights(C* s, Index n) const {
+    Index j = 0;
+    for (; j + W <= n; j += W) simd::store(s + j, simd::round_to<T>(simd::load<P>(s + j)));
+    for (; j < n; ++j) s[j] = static_cast<C>(static_cast<T>(s[j]));
   }
   // The pair (lo = p[0], hi = p[1]) in every lane, for weights already rounded to T (the
   // high halves of their bits are the bfloat16 values).
@@ -517,15 +548,12 @@ class RowKernel {
 #else
   C dot_pairs(const C*, const T*, const T*) const { return C(0); }
   void dots_pairs(const C*, const T*, const T*, Index, Index, C*) const {}
-  void round_weights(C*, Index, Index, Index, const TileUse*) const {}
+  void round_weights(C*, Index) const {}
   void axpy_pairs(const C*, const T*, Index, C*) const {}
   void axpy_rows_pairs(const C*, const T*, Index, Index, C, C*) const {}
 #endif
 
-  static C hsum(const P& x) {
-    if constexpr (simd::is_scalar_v<P>) return x;
-    else return Eigen::internal::predux(x);
-  }
+  static C hsum(const P& x) { return simd::hsum(x); }
 
   // O = alpha O + sum_j p[j] row(j)[0, Dv) for j < nk in key order (row(j): key j's value
   // row), O = st[0, Dv): 8, then 4 packets at a time in registers, then one.
