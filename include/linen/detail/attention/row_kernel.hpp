@@ -245,32 +245,49 @@ class RowKernel {
           for (Index h = h0; h < h1; ++h) {
             if (uses[h - h0].skip) continue;
             const Index koff = a_.kv_head(h) * a_.k_sh, voff = a_.kv_head(h) * a_.v_sh;
-            for (Index r = 0; r < a_.Lq; ++r) {
-              const Index hr = (h - h0) * a_.Lq + r;
-              const C* q = qs + hr * a_.D;
-              C* sj = s + hr * tk_;  // the block's logits, then weights
-              C* st = part + hr * state_;
-              Index i = 0;
-              if constexpr (kPairs) {
-                for (; i < m; ++i) sj[i] = dot_pairs(q, query_pairs(qs) + hr * a_.D, krows[i] + koff);
-              } else {
-                for (; i + kDotBlock <= m; i += kDotBlock)
-                  dots_block(q, [&](int x) { return krows[i + x] + koff; }, sj + i);
-                for (; i < m; ++i) sj[i] = dot(q, krows[i] + koff);
-              }
-              const C alpha = softmax_tile(b, h, r, t0 + j, m, uses[h - h0], sj, st);
-              i = 0;
-              if constexpr (kPairs) {
-                if (pol_.rounds_weights()) {
-                  // bfloat16: two keys at a time, as pairs, the weights rounded to T
-                  round_weights(sj, m);
-                  if (alpha != C(1)) scale(st, alpha);
-                  for (; i + 2 <= m; i += 2) axpy_pairs(sj + i, vrows[i] + voff, vrows[i + 1] - vrows[i], st);
-                  if (i < m) axpy_rows(sj + i, [&](Index x) { return vrows[i + x] + voff; }, m - i, C(1), st);
-                  continue;
+            // rows in groups of kRows: each row's logits and softmax, then the group's P V
+            // (each value packet loaded once for the group)
+            for (Index r0 = 0; r0 < a_.Lq; r0 += kRows) {
+              const int nr = static_cast<int>(std::min<Index>(kRows, a_.Lq - r0));
+              C alpha[kRows];
+              const C* pr[kRows];
+              C* str[kRows];
+              for (int g = 0; g < nr; ++g) {
+                const Index r = r0 + g, hr = (h - h0) * a_.Lq + r;
+                const C* q = qs + hr * a_.D;
+                C* sj = s + hr * tk_;  // the block's logits, then weights
+                C* st = part + hr * state_;
+                Index i = 0;
+                if constexpr (kPairs) {
+                  for (; i < m; ++i) sj[i] = dot_pairs(q, query_pairs(qs) + hr * a_.D, krows[i] + koff);
+                } else {
+                  for (; i + kDotBlock <= m; i += kDotBlock)
+                    dots_block(q, [&](int x) { return krows[i + x] + koff; }, sj + i);
+                  for (; i < m; ++i) sj[i] = dot(q, krows[i] + koff);
+                }
+                alpha[g] = softmax_tile(b, h, r, t0 + j, m, uses[h - h0], sj, st);
+                pr[g] = sj;
+                str[g] = st;
+                if constexpr (kPairs) {
+                  if (pol_.rounds_weights()) {
+                    // bfloat16: two keys at a time, as pairs, the weights rounded to T
+                    round_weights(sj, m);
+                    if (alpha[g] != C(1)) scale(st, alpha[g]);
+                    i = 0;
+                    for (; i + 2 <= m; i += 2) axpy_pairs(sj + i, vrows[i] + voff, vrows[i + 1] - vrows[i], st);
+                    if (i < m) axpy_rows(sj + i, [&](Index x) { return vrows[i + x] + voff; }, m - i, C(1), st);
+                  }
                 }
               }
-              axpy_rows(sj, [&](Index x) { return vrows[x] + voff; }, m, alpha, st);
+              if constexpr (kPairs) {
+                if (pol_.rounds_weights()) continue;
+              }
+              auto vrow = [&](Index x) { return vrows[x] + voff; };
+              if (nr == kRows) {
+                axpy_group<kRows>(pr, vrow, m, alpha, str);
+              } else {
+                for (int g = 0; g < nr; ++g) axpy_rows(pr[g], vrow, m, alpha[g], str[g]);
+              }
             }
           }
         }
@@ -556,6 +573,46 @@ class RowKernel {
 #endif
 
   static C hsum(const P& x) { return simd::hsum(x); }
+
+  // Query rows per P V group of the Flax-layout path (axpy_group).
+  static constexpr int kRows = simd::kRegisters >= 32 ? 4 : 2;
+
+  // axpy_rows for R rows at once, O_g = alpha[g] O_g + sum_j p[g][j] row(j) (O_g = o[g]):
+  // each row's FMAs those of axpy_rows (so its bits), a value packet loaded once for the
+  // R rows.
+  template <int R, class Row>
+  void axpy_group(const C* const* p, const Row& row, Index nk, const C* alpha, C* const* o) const {
+    const Index Dv = a_.Dv;
+    Index c = 0;
+    auto packets = [&](auto nv) {
+      constexpr int NV = decltype(nv)::value;
+      for (; c + NV * W <= Dv; c += NV * W) {
+        P acc[R][NV];
+        gemm::unroll<R>([&](auto g) {
+          const P av = simd::set1<P>(alpha[g]);
+          gemm::unroll<NV>([&](auto k) { acc[g][k] = simd::mul(simd::load<P>(o[g] + c + k * W), av); });
+        });
+        for (Index j = 0; j < nk; ++j) {
+          const T* vj = row(j) + c;
+          P v[NV];
+          gemm::unroll<NV>([&](auto k) { v[k] = simd::load_as<P>(vj + k * W); });
+          gemm::unroll<R>([&](auto g) {
+            const P pj = simd::set1<P>(p[g][j]);
+            gemm::unroll<NV>([&](auto k) { acc[g][k] = simd::fmadd(pj, v[k], acc[g][k]); });
+          });
+        }
+        gemm::unroll<R>([&](auto g) { gemm::unroll<NV>([&](auto k) { simd::store(o[g] + c + k * W, acc[g][k]); }); });
+      }
+    };
+    packets(std::integral_constant<int, 4>{});
+    packets(std::integral_constant<int, 1>{});
+    for (int g = 0; g < R; ++g)
+      for (Index cc = c; cc < Dv; ++cc) {
+        C acc = o[g][cc] * alpha[g];
+        for (Index j = 0; j < nk; ++j) acc += p[g][j] * static_cast<C>(row(j)[cc]);
+        o[g][cc] = acc;
+      }
+  }
 
   // O = alpha O + sum_j p[j] row(j)[0, Dv) for j < nk in key order (row(j): key j's value
   // row), O = st[0, Dv): 8, then 4 packets at a time in registers, then one.
