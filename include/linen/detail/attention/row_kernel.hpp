@@ -225,10 +225,11 @@ class RowKernel {
       const Index nk = std::min(tk_, j1 - t0);
       if (side_by_side) {
         // In blocks of kBlock keys: the block's rows (K and V, every head) are fetched
-        // `ahead` keys in advance, then for each (head, row) the block's logits
-        // (dots_block), its online-softmax update and its P V (O in registers over the
-        // block): K and V are read side by side, block after block, and a block's work
-        // for one row never depends on another row (so n rows give n single rows' bits).
+        // `ahead` keys in advance, then for each head and each group of kRows rows the
+        // rows' logits (dots_block) and online-softmax updates, then their P V (O in
+        // registers over the block, axpy_group): K and V are read side by side, block
+        // after block, and a block's arithmetic for one row never depends on another row
+        // (so n rows give n single rows' bits).
         for (Index j = 0; j < nk; j += kBlock) {
           const Index m = std::min<Index>(kBlock, nk - j);
           const T* krows[kBlock];
