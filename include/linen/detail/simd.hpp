@@ -180,12 +180,12 @@ inline scalar_t<P> hmax(const P& x) {
 // vector, so N sums cost N - 1 adds and 2 (N - 1) shuffles, not N reductions of log2(W)
 // dependent steps each). Every sum pairs its lanes as predux does (lane i with i + W/2,
 // then i + W/4, ...), so the bits are predux's: float packets of 16 lanes (AVX-512 with
-// DQ, whose predux halves by 256 bits first) and of 8 (AVX), N = 4 or 8 (and 16 for 16
-// lanes); others sum one by one.
+// DQ, whose predux halves by 256 bits first) and of 8 (AVX), N = 4 or 8; others sum one
+// by one.
 template <int N, class P>
 inline void hsum_n(const P* v, scalar_t<P>* out) {
 #if defined(EIGEN_VECTORIZE_AVX512) && defined(EIGEN_VECTORIZE_AVX512DQ)
-  if constexpr (size_v<P> == 16 && std::is_same_v<scalar_t<P>, float> && (N == 4 || N == 8 || N == 16)) {
+  if constexpr (size_v<P> == 16 && std::is_same_v<scalar_t<P>, float> && (N == 4 || N == 8)) {
     // level 1 pairs lanes (i, i + 8): [a lo + a hi | b lo + b hi]; level 2 (i, i + 4)
     // within 256 bits; levels 3 and 4 (i, i + 2), (i, i + 1) within each 128 bits
     auto l1 = [](__m512 a, __m512 b) {
@@ -196,13 +196,7 @@ inline void hsum_n(const P* v, scalar_t<P>* out) {
     };
     auto l3 = [](__m512 a, __m512 b) { return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE)); };
     auto l4 = [](__m512 a, __m512 b) { return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD)); };
-    if constexpr (N == 16) {
-      const __m512 s0 = l2(l1(v[0], v[1]), l1(v[2], v[3])), s1 = l2(l1(v[4], v[5]), l1(v[6], v[7]));
-      const __m512 s2 = l2(l1(v[8], v[9]), l1(v[10], v[11])), s3 = l2(l1(v[12], v[13]), l1(v[14], v[15]));
-      // lane 4k + m holds the sum of v[4m + k]
-      const __m512 u = l4(l3(s0, s1), l3(s2, s3));
-      _mm512_storeu_ps(out, _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), u));
-    } else if constexpr (N == 8) {
+    if constexpr (N == 8) {
       const __m512 t = l3(l2(l1(v[0], v[1]), l1(v[2], v[3])), l2(l1(v[4], v[5]), l1(v[6], v[7])));
       // lane 4k: v[k]; lane 4k + 1: v[4 + k]
       const __m512 u = _mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 13, 9, 5, 1, 12, 8, 4, 0), l4(t, t));
@@ -540,7 +534,6 @@ inline void interleave32(const Eigen::bfloat16* a, const Eigen::bfloat16* b, Pai
   first = _mm512_permutex2var_epi16(x, i0, y);
   second = _mm512_permutex2var_epi16(x, i1, y);
 }
-inline float hsum(const Packet& x) { return ei::predux(x); }
 }  // namespace bf16
 #endif
 

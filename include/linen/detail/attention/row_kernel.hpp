@@ -376,7 +376,7 @@ class RowKernel {
       sv = simd::add(sv, p);
       simd::store(s + j, p);
     }
-    C sum = hsum(sv);
+    C sum = simd::hsum(sv);
     for (; j < nk; ++j) {
       s[j] = std::exp(s[j] - mt);
       sum += s[j];
@@ -401,7 +401,7 @@ class RowKernel {
       acc1 = simd::fmadd(simd::load<P>(q + d + W), simd::load_as<P>(k + d + W), acc1);
     }
     for (; d < dv; d += W) acc0 = simd::fmadd(simd::load<P>(q + d), simd::load_as<P>(k + d), acc0);
-    C x = hsum(simd::add(acc0, acc1));
+    C x = simd::hsum(simd::add(acc0, acc1));
     for (; d < D; ++d) x += q[d] * static_cast<C>(k[d]);
     return x;
   }
@@ -469,7 +469,7 @@ class RowKernel {
         gemm::unroll<4>([&](auto i) { acc[i] = simd::fmadd(qv, simd::load_as<P>(k0 + i * ks + d), acc[i]); });
       }
       gemm::unroll<4>([&](auto i) {
-        C x = hsum(acc[i]);
+        C x = simd::hsum(acc[i]);
         for (Index d = dv; d < D; ++d) x += q[d] * static_cast<C>(k0[i * ks + d]);
         s[j + i] = x;
       });
@@ -478,7 +478,7 @@ class RowKernel {
       const T* kj = k + j * ks;
       P acc = simd::set1<P>(C(0));
       for (Index d = 0; d < dv; d += W) acc = simd::fmadd(simd::load<P>(q + d), simd::load_as<P>(kj + d), acc);
-      C x = hsum(acc);
+      C x = simd::hsum(acc);
       for (Index d = dv; d < D; ++d) x += q[d] * static_cast<C>(kj[d]);
       s[j] = x;
     }
@@ -499,7 +499,7 @@ class RowKernel {
       acc0 = b16::dot2(acc0, b16::load(k + d), b16::load(qb + d));
       d += 32;
     }
-    C x = hsum(simd::add(acc0, acc1));
+    C x = simd::hsum(simd::add(acc0, acc1));
     for (; d < D; ++d) x += qf[d] * static_cast<C>(k[d]);
     return x;
   }
@@ -573,14 +573,13 @@ class RowKernel {
   void axpy_rows_pairs(const C*, const T*, Index, Index, C, C*) const {}
 #endif
 
-  static C hsum(const P& x) { return simd::hsum(x); }
-
   // Query rows per P V group of the Flax-layout path (axpy_group).
   static constexpr int kRows = simd::kRegisters >= 32 ? 4 : 2;
 
-  // axpy_rows for R rows at once, O_g = alpha[g] O_g + sum_j p[g][j] row(j) (O_g = o[g]):
-  // each row's FMAs those of axpy_rows (so its bits), a value packet loaded once for the
-  // R rows.
+  // For rows g < R: O_g = alpha[g] O_g + sum_j p[g][j] row(j)[0, Dv) for j < nk in key
+  // order (O_g = o[g][0, Dv)), in registers 8 (one row), 4, then 1 packets at a time, a
+  // value packet loaded once for the R rows. Each element's arithmetic is the same
+  // whatever R and the packet stage (so R rows give R single rows' bits).
   template <int R, class Row>
   void axpy_group(const C* const* p, const Row& row, Index nk, const C* alpha, C* const* o) const {
     const Index Dv = a_.Dv;
@@ -605,6 +604,7 @@ class RowKernel {
         gemm::unroll<R>([&](auto g) { gemm::unroll<NV>([&](auto k) { simd::store(o[g] + c + k * W, acc[g][k]); }); });
       }
     };
+    if constexpr (R == 1) packets(std::integral_constant<int, 8>{});
     packets(std::integral_constant<int, 4>{});
     packets(std::integral_constant<int, 1>{});
     for (int g = 0; g < R; ++g)
@@ -616,33 +616,10 @@ class RowKernel {
   }
 
   // O = alpha O + sum_j p[j] row(j)[0, Dv) for j < nk in key order (row(j): key j's value
-  // row), O = st[0, Dv): 8, then 4 packets at a time in registers, then one.
+  // row), O = o[0, Dv): axpy_group for one row.
   template <class Row>
   void axpy_rows(const C* p, const Row& row, Index nk, C alpha, C* o) const {
-    const Index Dv = a_.Dv;
-    Index c = 0;
-    const P av = simd::set1<P>(alpha);
-    auto packets = [&](auto nv) {
-      constexpr int NV = decltype(nv)::value;
-      for (; c + NV * W <= Dv; c += NV * W) {
-        P acc[NV];
-        gemm::unroll<NV>([&](auto i) { acc[i] = simd::mul(simd::load<P>(o + c + i * W), av); });
-        for (Index j = 0; j < nk; ++j) {
-          const P pj = simd::set1<P>(p[j]);
-          const T* vj = row(j) + c;
-          gemm::unroll<NV>([&](auto i) { acc[i] = simd::fmadd(pj, simd::load_as<P>(vj + i * W), acc[i]); });
-        }
-        gemm::unroll<NV>([&](auto i) { simd::store(o + c + i * W, acc[i]); });
-      }
-    };
-    packets(std::integral_constant<int, 8>{});
-    packets(std::integral_constant<int, 4>{});
-    packets(std::integral_constant<int, 1>{});
-    for (; c < Dv; ++c) {
-      C acc = o[c] * alpha;
-      for (Index j = 0; j < nk; ++j) acc += p[j] * static_cast<C>(row(j)[c]);
-      o[c] = acc;
-    }
+    axpy_group<1>(&p, row, nk, &alpha, &o);
   }
 };
 
