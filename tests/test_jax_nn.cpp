@@ -385,6 +385,46 @@ TYPED_TEST(JaxNn, WindowEqualsBandMask) {
     }
 }
 
+// Key tiles wholly outside every row's band are skipped only while their values are
+// finite: an inf or NaN value far outside the band still meets its zero weights (NaN in
+// its column of every row of its head, as the source's einsum makes it), left or right
+// of the band, in every query item (long enough for several).
+TYPED_TEST(JaxNn, WindowSkipsOutsideTilesOnlyWhenValuesAreFinite) {
+  using T = TypeParam;
+  const Index Tq = 300, S = 300, N = 2, H = 8;
+  const auto q = random_tensor<T, 4>({1, Tq, N, H}, 34);
+  const auto k = random_tensor<T, 4>({1, S, N, H}, 35);
+  const auto v0 = random_tensor<T, 4>({1, S, N, H}, 36);
+  struct Case {
+    Index key, head, column;
+    T value;
+  };
+  const Case cases[] = {{-1, 0, 0, T(0)},
+                        {290, 0, 1, std::numeric_limits<T>::infinity()},
+                        {2, 1, 3, std::numeric_limits<T>::quiet_NaN()},
+                        {150, 1, 7, -std::numeric_limits<T>::infinity()}};
+  for (const Case& c : cases)
+    for (bool causal : {false, true}) {
+      auto v = v0;
+      if (c.key >= 0) v(0, c.key, c.head, c.column) = c.value;
+      jn::Options<T> o;
+      o.local_window_size = jn::WindowSize(5, 3);
+      o.is_causal = causal;
+      const Expected e = restatement(q, k, v, o);
+      for (Index tk : {0, 8}) {
+        SCOPED_TRACE("key " + std::to_string(c.key) + (causal ? " causal" : "") + " tile_keys " + std::to_string(tk));
+        const Outcome<T> a = run(q, k, v, o, 1, tk);
+        EXPECT_LE(max_err(a.out.data(), e.out), out_tolerance<T>());
+        EXPECT_LE(max_err(a.res.data(), e.lse), out_tolerance<T>());
+        for (Index t = 0; c.key >= 0 && t < Tq; ++t) {
+          if (c.key >= t - 5 && c.key <= t + 3 && (!causal || c.key <= t)) continue;  // in row t's band
+          EXPECT_TRUE(std::isnan(static_cast<double>(a.out[static_cast<std::size_t>((t * N + c.head) * H + c.column)])))
+              << t;
+        }
+      }
+    }
+}
+
 // Sequence lengths equal a padding mask plus zeroed query rows; the residual of a padded
 // row is a fully masked row's (fill + log S), not zeroed; lengths of 0.
 TYPED_TEST(JaxNn, LengthsEqualPaddingMaskAndZeroedRows) {

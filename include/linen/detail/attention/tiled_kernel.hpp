@@ -191,8 +191,21 @@ class Kernel {
       std::fill(l_all + blk * QB, l_all + (blk + 1) * QB, C(0));
     }
 
-    bool any_skipped = false;
-    for (Index t = 0; t < n_ktiles_; ++t) {
+    // Key tiles that no row of the item sees (left of the first row's band, right of the
+    // last row's) are skipped without classifying them for each block when their values
+    // are finite, as classify would skip each of them (a windowed call at L = 4096 spent
+    // ~3% of its time classifying tiles outside the band); else every tile is classified.
+    Index t_lo = 0, t_hi = n_ktiles_;
+    if (a_.banded() && nblk > 0 && nf_ && nf_->enabled()) {
+      const Index lo = std::min(a_.band_begin(row_begin) / tk_, n_ktiles_);
+      const Index hi = std::max(lo, std::min(n_ktiles_, (a_.band_end(b, row_end - 1) + tk_ - 1) / tk_));
+      if (nf_->finite(b, h, 0, std::min(a_.Lk, lo * tk_)) && nf_->finite(b, h, std::min(a_.Lk, hi * tk_), a_.Lk)) {
+        t_lo = lo;
+        t_hi = hi;
+      }
+    }
+    bool any_skipped = t_lo > 0 || t_hi < n_ktiles_;
+    for (Index t = t_lo; t < t_hi; ++t) {
       const Index j0 = t * tk_, j1 = std::min(a_.Lk, j0 + tk_);
       bool widened = false;
       for (Index blk = 0; blk < nblk; ++blk) {
