@@ -175,6 +175,30 @@ inline scalar_t<P> hmax(const P& x) {
   else return ei::predux_max(x);
 }
 
+// (hsum_n and exp_nonpositive are always inlined: called out of line, as gcc left them in
+// jax.nn's row kernel, they took ~13% of a grouped-query decode step.)
+#if defined(EIGEN_VECTORIZE_AVX512) && defined(EIGEN_VECTORIZE_AVX512DQ)
+namespace tree512 {
+// The levels of the 16-lane transposing tree (see hsum_n): level 1 pairs lanes (i, i + 8):
+// [a lo + a hi | b lo + b hi]; level 2 (i, i + 4) within 256 bits; levels 3 and 4
+// (i, i + 2), (i, i + 1) within each 128 bits.
+EIGEN_ALWAYS_INLINE __m512 l1(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+}
+EIGEN_ALWAYS_INLINE __m512 l2(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+}
+EIGEN_ALWAYS_INLINE __m512 l3(__m512 a, __m512 b) { return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE)); }
+EIGEN_ALWAYS_INLINE __m512 l4(__m512 a, __m512 b) { return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD)); }
+// The 8 sums of v[0..8) in lanes 0..8, in order.
+EIGEN_ALWAYS_INLINE __m512 sums8(const __m512* v) {
+  const __m512 t = l3(l2(l1(v[0], v[1]), l1(v[2], v[3])), l2(l1(v[4], v[5]), l1(v[6], v[7])));
+  // lane 4k: v[k]; lane 4k + 1: v[4 + k]
+  return _mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 13, 9, 5, 1, 12, 8, 4, 0), l4(t, t));
+}
+}  // namespace tree512
+#endif
+
 // out[i] = hsum(v[i]) for i < N, bit for bit: N lane sums at once, sharing their shuffles
 // (a transposing tree: each level adds the halves of two vectors' segments into one
 // vector, so N sums cost N - 1 adds and 2 (N - 1) shuffles, not N reductions of log2(W)
@@ -183,24 +207,12 @@ inline scalar_t<P> hmax(const P& x) {
 // DQ, whose predux halves by 256 bits first) and of 8 (AVX), N = 4 or 8; others sum one
 // by one.
 template <int N, class P>
-inline void hsum_n(const P* v, scalar_t<P>* out) {
+EIGEN_ALWAYS_INLINE void hsum_n(const P* v, scalar_t<P>* out) {
 #if defined(EIGEN_VECTORIZE_AVX512) && defined(EIGEN_VECTORIZE_AVX512DQ)
   if constexpr (size_v<P> == 16 && std::is_same_v<scalar_t<P>, float> && (N == 4 || N == 8)) {
-    // level 1 pairs lanes (i, i + 8): [a lo + a hi | b lo + b hi]; level 2 (i, i + 4)
-    // within 256 bits; levels 3 and 4 (i, i + 2), (i, i + 1) within each 128 bits
-    auto l1 = [](__m512 a, __m512 b) {
-      return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-    };
-    auto l2 = [](__m512 a, __m512 b) {
-      return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
-    };
-    auto l3 = [](__m512 a, __m512 b) { return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE)); };
-    auto l4 = [](__m512 a, __m512 b) { return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD)); };
+    using namespace tree512;
     if constexpr (N == 8) {
-      const __m512 t = l3(l2(l1(v[0], v[1]), l1(v[2], v[3])), l2(l1(v[4], v[5]), l1(v[6], v[7])));
-      // lane 4k: v[k]; lane 4k + 1: v[4 + k]
-      const __m512 u = _mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 13, 9, 5, 1, 12, 8, 4, 0), l4(t, t));
-      _mm256_storeu_ps(out, _mm512_castps512_ps256(u));
+      _mm256_storeu_ps(out, _mm512_castps512_ps256(sums8(v)));
     } else {
       const __m512 s = l2(l1(v[0], v[1]), l1(v[2], v[3]));
       const __m512 t = l3(s, s);
@@ -237,6 +249,23 @@ inline void hsum_n(const P* v, scalar_t<P>* out) {
   for (int i = 0; i < N; ++i) out[i] = hsum(v[i]);
 }
 
+// out[i] = hsum(a[i]) and out[N + i] = hsum(b[i]) for i < N: hsum_n twice, bit for bit,
+// where 2 N sums fill a packet (16-lane floats, N = 8) in one store of the packet (a packet
+// load of out then forwards from that store; from two 8-lane stores it waits for both to
+// reach the cache: ~4% of a decode step at the softmax's first load).
+template <int N, class P>
+EIGEN_ALWAYS_INLINE void hsum_n2(const P* a, const P* b, scalar_t<P>* out) {
+#if defined(EIGEN_VECTORIZE_AVX512) && defined(EIGEN_VECTORIZE_AVX512DQ)
+  if constexpr (size_v<P> == 16 && std::is_same_v<scalar_t<P>, float> && N == 8) {
+    const __m512 u = tree512::sums8(a), w = tree512::sums8(b);
+    _mm512_storeu_ps(out, _mm512_insertf32x8(u, _mm512_castps512_ps256(w), 1));
+    return;
+  }
+#endif
+  hsum_n<N>(a, out);
+  hsum_n<N>(b, out + N);
+}
+
 // --- exp on x <= 0 (or NaN), as softmax needs it: exp(s - max) ---------------------------
 
 template <class P, class = void>
@@ -250,7 +279,7 @@ struct has_integer_packet<P, std::void_t<decltype(sizeof(typename ei::unpacket_t
 // reduction x = n ln2 + r, |r| <= ln2/2, Cephes' degree-6 polynomial for exp(r), and 2^n
 // assembled in the exponent bits; about 14 instructions. Other packets use Eigen's pexp.
 template <class P>
-inline P exp_nonpositive(const P& x) {
+EIGEN_ALWAYS_INLINE P exp_nonpositive(const P& x) {
   using C = scalar_t<P>;
   if constexpr (is_scalar_v<P>) {
     return std::exp(x);

@@ -235,15 +235,20 @@ class RowKernel {
           const T* krows[kBlock];
           const T* vrows[kBlock];
           for (Index i = 0; i < m; ++i) {
-            const Index t = t0 + j + i;
-            krows[i] = a_.key + a_.walk(kw, t);
-            vrows[i] = a_.value + a_.walk(vw, t);
-            if (t + ahead < a_.Lk) {
-              simd::prefetch<2>(a_.key + a_.walk(kpw, t + ahead) + kv0 * a_.k_sh, k_span);
-              simd::prefetch<2>(a_.value + a_.walk(vpw, t + ahead) + kv0 * a_.v_sh, v_span);
-            }
+            krows[i] = a_.key + a_.walk(kw, t0 + j + i);
+            vrows[i] = a_.value + a_.walk(vw, t0 + j + i);
           }
+          // the rows `ahead` keys on, fetched a share at each head: spread over the block's
+          // arithmetic, not in one burst before it (a burst waits for the miss buffers, and
+          // nothing is computed meanwhile: ~20% of a grouped-query step stalled there)
+          const Index nh = h1 - h0;
           for (Index h = h0; h < h1; ++h) {
+            for (Index i = m * (h - h0) / nh, ie = m * (h - h0 + 1) / nh; i < ie; ++i) {
+              const Index t = t0 + j + i + ahead;
+              if (t >= a_.Lk) break;
+              simd::prefetch<2>(a_.key + a_.walk(kpw, t) + kv0 * a_.k_sh, k_span);
+              simd::prefetch<2>(a_.value + a_.walk(vpw, t) + kv0 * a_.v_sh, v_span);
+            }
             if (uses[h - h0].skip) continue;
             const Index koff = a_.kv_head(h) * a_.k_sh, voff = a_.kv_head(h) * a_.v_sh;
             // rows in groups of kRows: each row's logits and softmax, then the group's P V
@@ -262,6 +267,10 @@ class RowKernel {
                 if constexpr (kPairs) {
                   for (; i < m; ++i) sj[i] = dot_pairs(q, query_pairs(qs) + hr * a_.D, krows[i] + koff);
                 } else {
+                  if constexpr (2 * kDotBlock <= kBlock) {
+                    for (; i + 2 * kDotBlock <= m; i += 2 * kDotBlock)
+                      dots_block2(q, [&](int x) { return krows[i + x] + koff; }, sj + i);
+                  }
                   for (; i + kDotBlock <= m; i += kDotBlock)
                     dots_block(q, [&](int x) { return krows[i + x] + koff; }, sj + i);
                   for (; i < m; ++i) sj[i] = dot(q, krows[i] + koff);
@@ -425,34 +434,58 @@ class RowKernel {
   // loaded once for the block, the lane sums together (simd::hsum_n).
   template <class Row>
   void dots_block(const C* q, const Row& row, C* s) const {
+    P acc[kDotBlock];
+    dot_sums(q, row, acc);
+    simd::hsum_n<kDotBlock>(acc, s);
+    dot_tails(q, row, kDotBlock, s);
+  }
+  // dots_block for 2 kDotBlock keys (s[0, 2 kDotBlock)), their sums stored at once
+  // (simd::hsum_n2: a packet where 2 kDotBlock keys fill one, so that the softmax's
+  // packet load of s forwards from the store).
+  template <class Row>
+  void dots_block2(const C* q, const Row& row, C* s) const {
+    P a[kDotBlock], b[kDotBlock];
+    dot_sums(q, row, a);
+    dot_sums(q, [&](int x) { return row(kDotBlock + x); }, b);
+    simd::hsum_n2<kDotBlock>(a, b, s);
+    dot_tails(q, row, 2 * kDotBlock, s);
+  }
+  // acc[i]: the lanes of q . row(i) over the whole packets of the depth, for i <
+  // kDotBlock: dot()'s two accumulators, added.
+  template <class Row>
+  void dot_sums(const C* q, const Row& row, P* acc) const {
     constexpr int KB = kDotBlock;
     const Index D = a_.D, dv = D / W * W;
     const T* k[KB];
-    P acc0[KB], acc1[KB];
+    P acc1[KB];
     gemm::unroll<KB>([&](auto i) {
       k[i] = row(i);
-      acc0[i] = acc1[i] = simd::set1<P>(C(0));
+      acc[i] = acc1[i] = simd::set1<P>(C(0));
     });
     Index d = 0;
     for (; d + 2 * W <= dv; d += 2 * W) {
       const P q0 = simd::load<P>(q + d), q1 = simd::load<P>(q + d + W);
       gemm::unroll<KB>([&](auto i) {
-        acc0[i] = simd::fmadd(q0, simd::load_as<P>(k[i] + d), acc0[i]);
+        acc[i] = simd::fmadd(q0, simd::load_as<P>(k[i] + d), acc[i]);
         acc1[i] = simd::fmadd(q1, simd::load_as<P>(k[i] + d + W), acc1[i]);
       });
     }
     for (; d < dv; d += W) {
       const P q0 = simd::load<P>(q + d);
-      gemm::unroll<KB>([&](auto i) { acc0[i] = simd::fmadd(q0, simd::load_as<P>(k[i] + d), acc0[i]); });
+      gemm::unroll<KB>([&](auto i) { acc[i] = simd::fmadd(q0, simd::load_as<P>(k[i] + d), acc[i]); });
     }
-    gemm::unroll<KB>([&](auto i) { acc0[i] = simd::add(acc0[i], acc1[i]); });
-    simd::hsum_n<KB>(acc0, s);
-    if (dv < D) {
-      for (int i = 0; i < KB; ++i) {
-        C x = s[i];
-        for (d = dv; d < D; ++d) x += q[d] * static_cast<C>(k[i][d]);
-        s[i] = x;
-      }
+    gemm::unroll<KB>([&](auto i) { acc[i] = simd::add(acc[i], acc1[i]); });
+  }
+  // s[i] += the depth past the whole packets, for i < n (as dot's scalar tail).
+  template <class Row>
+  void dot_tails(const C* q, const Row& row, int n, C* s) const {
+    const Index D = a_.D, dv = D / W * W;
+    if (dv == D) return;
+    for (int i = 0; i < n; ++i) {
+      const T* k = row(i);
+      C x = s[i];
+      for (Index d = dv; d < D; ++d) x += q[d] * static_cast<C>(k[d]);
+      s[i] = x;
     }
   }
 
